@@ -1,0 +1,120 @@
+"""Chat with the companion in a terminal: the console adapter.
+
+    banryeo chat
+
+Type a message and the companion offers numbered candidate replies; type a number to pick one,
+or just keep talking. /help lists the commands (Korean aliases too: /도움, /다시, /새로, /페르소나, /끝).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from bot.engine import CandidateSet, DialogueEngine, EngineError, UserRef
+from bot.messages import render
+
+CONSOLE_USER = UserRef("console", "local", "")
+
+COMMANDS = {
+    "/help": "help", "/도움": "help", "/?": "help",
+    "/regen": "regen", "/다시": "regen",
+    "/reset": "reset", "/새로": "reset",
+    "/persona": "persona", "/페르소나": "persona",
+    "/quit": "quit", "/exit": "quit", "/끝": "quit",
+}
+
+
+class ConsoleChat:
+    """One console conversation. `read` returns a line or raises EOFError; `write` prints a block."""
+
+    def __init__(self, engine: DialogueEngine, read: Callable[[str], str] = input,
+                 write: Callable[[str], None] = print, user: UserRef = CONSOLE_USER):
+        self.engine = engine
+        self.read = read
+        self.write = write
+        self.user = user
+        self.offer: CandidateSet | None = None  # the latest candidates shown
+
+    def say(self, key: str, **params: object) -> None:
+        self.write(render(key, self.engine.language_of(self.user), **params))
+
+    async def run(self) -> None:
+        opening = await self.engine.open(self.user)
+        card = self.engine.persona_of(self.user)
+        if opening.greeting:
+            self.write(f"{card.name}: {opening.greeting}")
+        self.write("(/help · /도움)")
+        while True:
+            try:
+                line = await asyncio.to_thread(self.read, f"{card.user_name()}> ")
+            except (EOFError, KeyboardInterrupt):
+                self.say("goodbye")
+                return
+            try:
+                if not await self.handle(line):
+                    self.say("goodbye")
+                    return
+            except EngineError as exc:
+                self.say(exc.key, **exc.params)
+            card = self.engine.persona_of(self.user)
+
+    async def handle(self, line: str) -> bool:
+        """Act on one input line; False means the user wants to leave."""
+        text = line.strip()
+        word, _, rest = text.partition(" ")
+        command = COMMANDS.get(word.lower()) if word.startswith("/") else None
+        if word.startswith("/") and command is None:
+            self.say("unknown_command", command=word)
+        elif command == "quit":
+            return False
+        elif command == "help":
+            self.say("help")
+        elif command == "regen":
+            self.show(await self.engine.regenerate(self.user))
+        elif command == "reset":
+            opening = await self.engine.reset(self.user)
+            self.offer = None
+            self.say("reset_done")
+            self.write(f"{opening.persona}: {opening.greeting}")
+        elif command == "persona":
+            await self.persona(rest.strip())
+        elif text.isdigit() and len(text) <= 2:  # a short number picks; longer ones are just messages
+            if self.offer is None or self.offer.auto_picked:
+                self.say("nothing_to_pick")
+            else:
+                await self.pick(int(text))
+        else:
+            self.show(await self.engine.on_message(self.user, text))
+        return True
+
+    async def pick(self, number: int) -> None:
+        card = self.engine.persona_of(self.user)
+        picked = await self.engine.on_pick(self.user, self.offer.id, number - 1)
+        if picked.already:
+            self.say("pick_already", index=number)
+        else:
+            self.write(f"{card.name}: {picked.text}")
+
+    async def persona(self, key: str) -> None:
+        if not key:
+            current = self.engine.persona_of(self.user).key
+            self.say("persona_list", personas=", ".join(self.engine.personas.keys()), current=current)
+            return
+        opening = await self.engine.set_persona(self.user, key)
+        self.offer = None
+        self.say("persona_changed", name=opening.persona)
+        self.write(f"{opening.persona}: {opening.greeting}")
+
+    def show(self, offer: CandidateSet) -> None:
+        self.offer = offer
+        card = self.engine.persona_of(self.user)
+        if offer.opening:
+            self.write(f"{card.name}: {offer.opening}")
+        for notice in offer.notices:
+            self.say(notice.key, **notice.params)
+        if offer.auto_picked:
+            self.write(f"{card.name}: {offer.texts[0]}")
+            return
+        self.write("\n".join(f"  {i}) {text}" for i, text in enumerate(offer.texts, start=1)))
+        self.say("choose", count=len(offer.texts))

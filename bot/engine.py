@@ -1,0 +1,270 @@
+"""The dialogue engine: platform-free. Chat adapters translate their events into these calls:
+
+    engine = DialogueEngine(store, backend, personas, settings)
+    opening = await engine.open(user)                   # greeting when a conversation starts
+    offer = await engine.on_message(user, "배고파")     # -> CandidateSet with N numbered replies
+    picked = await engine.on_pick(user, offer.id, 1)    # 0-based index; the pick continues the chat
+    offer = await engine.regenerate(user)               # new candidates for the same message
+    opening = await engine.reset(user)                  # new conversation
+
+Problems a user should hear about raise `EngineError(key, **params)`; adapters render the key with
+`bot.messages.render` in the user's language. Requests of one user run one at a time (a lock per
+user); sampling runs on one model thread, so other users' picks and bookkeeping never wait on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sqlite3
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+
+from bot.config import Settings
+from bot.model import ModelBackend, Sample
+from bot.prompt import Prompt, Turn, build_prompt, clean_reply, shorten
+from bot.store import Store
+from persona import PersonaCard, PersonaError, PersonaLibrary
+
+logger = logging.getLogger(__name__)
+
+MAX_SAMPLING_ROUNDS = 3  # first round plus refills for empty or duplicate candidates
+
+
+class EngineError(Exception):
+    """Something the user should be told about; `key` names the message in bot.messages."""
+
+    def __init__(self, key: str, **params: object):
+        super().__init__(key)
+        self.key = key
+        self.params = params
+
+
+@dataclass(frozen=True)
+class UserRef:
+    """Who is talking, as a platform knows them."""
+
+    platform: str
+    platform_id: str
+    display_name: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"{self.platform}:{self.platform_id}"
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something worth telling the user next to the replies (a message key and its parameters)."""
+
+    key: str
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class CandidateSet:
+    id: str
+    texts: list[str]
+    notices: list[Notice] = field(default_factory=list)
+    auto_picked: bool = False        # only one distinct reply: it already continues the conversation
+    opening: str | None = None       # the greeting, when this message started a new conversation
+    generation: str = "base"
+
+
+@dataclass
+class Picked:
+    set_id: str
+    index: int
+    text: str
+    already: bool = False            # the same pick was made before; nothing changed
+
+
+@dataclass
+class Opening:
+    greeting: str | None             # None: the conversation was already going
+    persona: str
+
+
+class DialogueEngine:
+    def __init__(self, store: Store, backend: ModelBackend, personas: PersonaLibrary, settings: Settings):
+        self.store = store
+        self.backend = backend
+        self.personas = personas
+        self.settings = settings
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="banryeo-model")
+        self._user_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def close(self) -> None:
+        self._model_thread.shutdown(wait=True, cancel_futures=True)
+
+    # -- users ----------------------------------------------------------------------------------
+
+    def persona_of(self, user: UserRef) -> PersonaCard:
+        row = self.store.user(user.id)
+        key = row["persona"] if row else self.settings.chat.persona
+        try:
+            return self.personas.get(key)
+        except PersonaError as exc:
+            logger.warning("persona %r of %s is unusable (%s); using the default", key, user.id, exc)
+            return self.personas.get(self._default_persona_key())
+
+    def language_of(self, user: UserRef) -> str:
+        row = self.store.user(user.id)
+        if row and row["language"]:
+            return row["language"]
+        return self.settings.chat.language or self.persona_of(user).language
+
+    def _default_persona_key(self) -> str:
+        return self.settings.chat.persona if self.settings.chat.persona in self.personas.keys() else \
+            PersonaLibrary.DEFAULT_KEY
+
+    def _ensure_user(self, user: UserRef) -> dict:
+        return self.store.ensure_user(user.id, user.platform, user.platform_id, user.display_name,
+                                      self._default_persona_key())
+
+    def _start_conversation(self, user: UserRef) -> tuple[int, str]:
+        card = self.persona_of(user)
+        greeting = card.render(random.choice(card.greetings))
+        return self.store.start_conversation(user.id, card.key, greeting), greeting
+
+    # -- the chat -------------------------------------------------------------------------------
+
+    async def open(self, user: UserRef) -> Opening:
+        """Make sure the user has a conversation; returns its greeting when one was started."""
+        async with self._user_locks[user.id]:
+            self._ensure_user(user)
+            card = self.persona_of(user)
+            if self.store.active_conversation(user.id):
+                return Opening(None, card.name)
+            _, greeting = self._start_conversation(user)
+            return Opening(greeting, card.name)
+
+    async def on_message(self, user: UserRef, text: str) -> CandidateSet:
+        """Store the user's message and offer candidate replies for it."""
+        text = text.replace("\x00", "").strip()
+        if not text:
+            raise EngineError("empty_message")
+        async with self._user_locks[user.id]:
+            self._ensure_user(user)
+            opening = None
+            conversation = self.store.active_conversation(user.id)
+            if conversation is None:
+                conversation_id, opening = self._start_conversation(user)
+            else:
+                conversation_id = conversation["id"]
+            self.store.close_open_sets(user.id, "skipped")  # a new message answers no earlier offer
+            turn_id = self.store.add_turn(conversation_id, user.id, "user", text, "typed")
+            offer = await self._offer(user, conversation_id, turn_id)
+            offer.opening = opening
+            return offer
+
+    async def regenerate(self, user: UserRef) -> CandidateSet:
+        """New candidates for the user's latest message (while no reply to it has been picked)."""
+        async with self._user_locks[user.id]:
+            conversation = self.store.active_conversation(user.id)
+            turns = self.store.turns(conversation["id"]) if conversation else []
+            if not turns or turns[-1]["role"] != "user":
+                raise EngineError("nothing_to_regenerate")
+            self.store.close_open_sets(user.id, "regenerated")
+            return await self._offer(user, conversation["id"], turns[-1]["id"])
+
+    async def on_pick(self, user: UserRef, set_id: str, index: int) -> Picked:
+        """Record that `user` chose candidate `index` (0-based) of set `set_id`."""
+        async with self._user_locks[user.id]:
+            offer = self.store.candidate_set(set_id)
+            if offer is None or offer["user_id"] != user.id:
+                raise EngineError("pick_unknown")
+            if offer["status"] == "picked":
+                return self._repeated_pick(offer, index)
+            if offer["status"] != "open":
+                raise EngineError("pick_stale")
+            count = len(offer["candidates"])
+            if not 0 <= index < count:
+                raise EngineError("pick_out_of_range", count=count)
+            try:
+                self.store.record_pick(offer, index)
+            except sqlite3.IntegrityError:  # picked in the meantime by another process
+                return self._repeated_pick(self.store.candidate_set(set_id), index)
+            return Picked(set_id, index, offer["candidates"][index]["text"])
+
+    async def reset(self, user: UserRef) -> Opening:
+        """End the conversation (it stays stored) and start a new one."""
+        async with self._user_locks[user.id]:
+            self._ensure_user(user)
+            _, greeting = self._start_conversation(user)
+            return Opening(greeting, self.persona_of(user).name)
+
+    async def set_persona(self, user: UserRef, key: str) -> Opening:
+        """Switch the user's persona; a new conversation starts with its greeting."""
+        try:
+            card = self.personas.get(key)
+        except PersonaError:
+            raise EngineError("persona_unknown", key=key, personas=", ".join(self.personas.keys())) from None
+        async with self._user_locks[user.id]:
+            self._ensure_user(user)
+            self.store.update_user(user.id, persona=card.key)
+            _, greeting = self._start_conversation(user)
+            return Opening(greeting, card.name)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _repeated_pick(self, offer: dict, index: int) -> Picked:
+        earlier = self.store.pick_of(offer["id"])
+        if earlier["idx"] != index:
+            raise EngineError("pick_already", index=earlier["idx"] + 1)
+        return Picked(offer["id"], index, earlier["text"], already=True)
+
+    async def _offer(self, user: UserRef, conversation_id: int, user_turn_id: int) -> CandidateSet:
+        card = self.persona_of(user)
+        limit = self.settings.chat.max_message_chars
+        notices = []
+        history = []
+        for row in self.store.turns(conversation_id):
+            text, was_cut = shorten(row["text"], limit)
+            history.append(Turn(row["role"], text))
+            if was_cut and row["id"] == user_turn_id:
+                notices.append(Notice("message_shortened", {"length": len(row["text"]), "limit": limit}))
+        prompt = build_prompt(card, history, count_tokens=self.backend.count_tokens,
+                              budget=self.settings.chat.max_context_tokens,
+                              chat_template=self.backend.chat_prompt if self.backend.use_chat_template else None)
+        texts, raw = await self._sample_distinct(prompt, card)
+        wanted = self.settings.sampling.candidates
+        if not texts:
+            raise EngineError("no_reply")
+        if len(texts) < wanted:
+            notices.append(Notice("fewer_candidates", {"count": len(texts)}))
+        set_id = self.store.add_candidate_set(
+            conversation_id=conversation_id, user_id=user.id, user_turn_id=user_turn_id, persona=card.key,
+            prompt=prompt.text, context=prompt.messages, prompt_tokens=prompt.tokens,
+            dropped_turns=prompt.dropped_turns, model=self.backend.name, generation=self.backend.generation,
+            sampling=self.settings.sampling.model_dump(),
+            candidates=[{"text": t, "new_tokens": raw[t].new_tokens, "hit_stop": raw[t].hit_stop} for t in texts],
+        )
+        auto = len(texts) == 1
+        if auto:
+            self.store.record_pick(self.store.candidate_set(set_id), 0, auto=True)
+        return CandidateSet(set_id, texts, notices, auto_picked=auto, generation=self.backend.generation)
+
+    async def _sample_distinct(self, prompt: Prompt, card: PersonaCard) -> tuple[list[str], dict[str, Sample]]:
+        """Sample until there are N distinct non-empty replies (or the rounds run out)."""
+        wanted = self.settings.sampling.candidates
+        loop = asyncio.get_running_loop()
+        kept: dict[str, Sample] = {}
+        for _ in range(MAX_SAMPLING_ROUNDS):
+            missing = wanted - len(kept)
+            sample = partial(self.backend.sample, prompt.text, missing, self.settings.sampling, prompt.stop)
+            try:
+                samples = await loop.run_in_executor(self._model_thread, sample)
+            except Exception:
+                logger.exception("sampling failed")
+                raise EngineError("model_error") from None
+            for s in samples:
+                text = clean_reply(s.text, card)
+                if text and text not in kept and len(kept) < wanted:
+                    kept[text] = s
+            if len(kept) >= wanted:
+                break
+        return list(kept), kept

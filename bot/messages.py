@@ -1,0 +1,110 @@
+"""The bot's own words (help, errors, confirmations) in Korean and English.
+
+    render("pick_out_of_range", "ko", count=3)
+
+Every key exists in both languages; a test checks that they also take the same parameters.
+"""
+
+from __future__ import annotations
+
+LANGUAGES = ("ko", "en")
+
+MESSAGES: dict[str, dict[str, str]] = {
+    "help": {
+        "ko": "답장 후보가 번호와 함께 나와. 마음에 드는 번호를 골라 주면 그 답장으로 대화가 이어지고, "
+              "네가 고른 답장으로 나는 매일 밤 조금씩 배워.\n"
+              "  숫자        후보 고르기\n"
+              "  /다시       후보 다시 뽑기 (/regen)\n"
+              "  /새로       새 대화 시작 (/reset)\n"
+              "  /페르소나   페르소나 목록 보기, /페르소나 이름 으로 바꾸기 (/persona)\n"
+              "  /도움       이 도움말 (/help)\n"
+              "  /끝         끝내기 (/quit)",
+        "en": "Reply candidates come with numbers. Pick the one you like and the conversation goes on with it; "
+              "every night I learn a little from your picks.\n"
+              "  number      pick a candidate\n"
+              "  /regen      sample new candidates\n"
+              "  /reset      start a new conversation\n"
+              "  /persona    list personas, /persona NAME to switch\n"
+              "  /help       this help\n"
+              "  /quit       leave",
+    },
+    "choose": {
+        "ko": "마음에 드는 답장 번호를 골라 줘 (1-{count}). 새 메시지를 보내도 되고, /다시 로 다시 뽑을 수도 있어.",
+        "en": "Pick the reply you like (1-{count}), send a new message, or /regen for new candidates.",
+    },
+    "empty_message": {
+        "ko": "메시지가 비어 있어. 하고 싶은 말을 적어 줘!",
+        "en": "That message is empty. Type something to say!",
+    },
+    "message_shortened": {
+        "ko": "메시지가 너무 길어서 ({length}자) 앞뒤 {limit}자만 읽었어. 전체 내용은 그대로 저장돼 있어.",
+        "en": "Your message was very long ({length} characters), so I read only its first and last parts "
+              "({limit} characters). The whole message is still saved.",
+    },
+    "fewer_candidates": {
+        "ko": "이번엔 서로 다른 답장을 {count}개밖에 못 만들었어.",
+        "en": "This time I could only come up with {count} different replies.",
+    },
+    "no_reply": {
+        "ko": "앗, 답장을 만들지 못했어. 다시 한 번 보내 주거나 /다시 를 눌러 줘.",
+        "en": "Oops, I couldn't come up with a reply. Send it again or try /regen.",
+    },
+    "pick_out_of_range": {
+        "ko": "1부터 {count} 사이의 번호를 골라 줘.",
+        "en": "Pick a number from 1 to {count}.",
+    },
+    "pick_stale": {
+        "ko": "그 후보는 지난 거라 이제 고를 수 없어. 가장 최근 후보 중에서 골라 줘.",
+        "en": "Those candidates are from earlier and can't be picked any more. Pick from the latest ones.",
+    },
+    "pick_already": {
+        "ko": "이미 {index}번을 골랐어. 대화는 그 답장으로 이어지고 있어.",
+        "en": "You already picked {index}; the conversation goes on with that reply.",
+    },
+    "pick_unknown": {
+        "ko": "그 선택지를 찾을 수 없어. 오래됐거나 다른 사람의 선택지야.",
+        "en": "I can't find that choice; it is old or it belongs to someone else.",
+    },
+    "nothing_to_pick": {
+        "ko": "지금은 고를 후보가 없어. 메시지를 보내 줘!",
+        "en": "There is nothing to pick right now. Send me a message!",
+    },
+    "nothing_to_regenerate": {
+        "ko": "다시 뽑을 메시지가 없어. 먼저 말을 걸어 줘!",
+        "en": "There is no message to answer again yet. Say something first!",
+    },
+    "reset_done": {
+        "ko": "새 대화를 시작할게. 지난 대화는 저장돼 있어.",
+        "en": "Starting a new conversation. The old one is kept.",
+    },
+    "persona_list": {
+        "ko": "페르소나: {personas} (지금: {current}). /페르소나 이름 으로 바꿀 수 있어.",
+        "en": "Personas: {personas} (now: {current}). Switch with /persona NAME.",
+    },
+    "persona_changed": {
+        "ko": "페르소나를 {name}(으)로 바꿨어. 새 대화가 시작돼.",
+        "en": "Switched to {name}. A new conversation begins.",
+    },
+    "persona_unknown": {
+        "ko": "'{key}' 페르소나는 없어. 있는 페르소나: {personas}",
+        "en": "There is no persona '{key}'. Available: {personas}",
+    },
+    "unknown_command": {
+        "ko": "모르는 명령이야: {command}. /도움 으로 명령 목록을 볼 수 있어.",
+        "en": "Unknown command: {command}. /help lists the commands.",
+    },
+    "model_error": {
+        "ko": "답장을 만드는 중에 문제가 생겼어. 잠시 후에 다시 해 줘. 보낸 메시지는 저장돼 있어.",
+        "en": "Something went wrong while writing replies. Please try again shortly; your message is saved.",
+    },
+    "goodbye": {
+        "ko": "또 와! 기다릴게 ㅎㅎ",
+        "en": "See you soon!",
+    },
+}
+
+
+def render(key: str, language: str | None, **params: object) -> str:
+    """The message `key` in `language` (Korean when unknown), filled with `params`."""
+    texts = MESSAGES[key]
+    return texts.get(language or "ko", texts["ko"]).format(**params)

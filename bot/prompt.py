@@ -1,0 +1,139 @@
+"""Prompts from a persona and a history, and replies from raw samples.
+
+Base models see a transcript, one line per turn, and are stopped at the line's end:
+
+    <description and style notes>
+
+    나: 안녕!                        <- example dialogue from the persona card
+    하루: 왔구나~ 오늘 어땠어?
+
+    나: 배고파                       <- the conversation, oldest turns dropped first
+    하루:                            <- the model continues here
+
+Instruct models get the same content through their tokenizer's chat template.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+from persona import PersonaCard
+
+Role = Literal["user", "char"]
+ELLIPSIS = " … "
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ufffd]")  # control bytes and broken characters
+_TURN_OVERHEAD = 4  # newline / role markers around each turn
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: Role
+    text: str
+
+
+@dataclass
+class Prompt:
+    text: str                      # exactly what the model is given
+    stop: list[str]                # sampling stops at the first of these
+    messages: list[dict[str, str]] = field(default_factory=list)  # the context as role/content messages
+    dropped_turns: int = 0         # oldest history turns left out to fit the budget
+    tokens: int = 0
+
+
+def shorten(text: str, limit: int) -> tuple[str, bool]:
+    """Keep the head and the tail of an over-long message, marking the cut with an ellipsis."""
+    if len(text) <= limit:
+        return text, False
+    head = (limit - len(ELLIPSIS)) * 2 // 3
+    tail = limit - len(ELLIPSIS) - head
+    return text[:head].rstrip() + ELLIPSIS + text[len(text) - tail:].lstrip(), True
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def build_prompt(card: PersonaCard, history: list[Turn], *, count_tokens: Callable[[str], int], budget: int,
+                 chat_template: Callable[[list[dict[str, str]]], str] | None = None,
+                 user_name: str | None = None) -> Prompt:
+    """Fit persona + as much recent history as the token budget allows (the last turn is always kept)."""
+    user = user_name or card.user_name()
+    persona_text = _persona_text(card, user)
+    examples = [_example_text(card, ex, user) for ex in card.examples]
+
+    def render(turns: list[Turn], with_examples: bool) -> Prompt:
+        if chat_template is not None:
+            system = persona_text
+            if with_examples and examples:
+                system += "\n\n" + "\n\n".join(examples)
+            messages = [{"role": "system", "content": system}, *_chat_messages(turns)]
+            return Prompt(chat_template(messages), [], messages)
+        lines = [persona_text, ""]
+        if with_examples:
+            for example in examples:
+                lines += [example, ""]
+        lines += [f"{_label(t.role, card, user)}: {one_line(t.text)}" for t in turns]
+        lines.append(f"{card.name}:")
+        messages = [{"role": "system", "content": persona_text}, *_chat_messages(turns)]
+        return Prompt("\n".join(lines), ["\n"], messages)
+
+    # Count each turn once (linear in the history), then check the real total and trim if needed.
+    turn_cost = [count_tokens(f"{_label(t.role, card, user)}: {one_line(t.text)}") + _TURN_OVERHEAD for t in history]
+    with_examples = count_tokens(render(history[-1:], True).text) <= budget
+    room = budget - count_tokens(render([], with_examples).text)
+    start = len(history) - 1
+    room -= turn_cost[start] if history else 0
+    while start > 0 and turn_cost[start - 1] <= room:
+        start -= 1
+        room -= turn_cost[start]
+    prompt = render(history[start:], with_examples)
+    prompt.tokens = count_tokens(prompt.text)
+    while prompt.tokens > budget and start < len(history) - 1:
+        start += 1
+        prompt = render(history[start:], with_examples)
+        prompt.tokens = count_tokens(prompt.text)
+    prompt.dropped_turns = start
+    return prompt
+
+
+def clean_reply(raw: str, card: PersonaCard, user_name: str | None = None) -> str:
+    """Strip a sampled reply down to the persona's own words for this turn ('' if nothing is left)."""
+    user = user_name or card.user_name()
+    text = _CONTROL.sub("", raw).strip()
+    for label in (card.name, user):  # a model sometimes repeats its own label
+        if text.startswith(label + ":"):
+            text = text[len(label) + 1:].strip()
+    for label in (user, card.name):  # ...or starts the next speaker's turn on the same line
+        for marker in (f" {label}:", f"\n{label}:"):
+            if marker in text:
+                text = text[: text.index(marker)]
+    return text.strip()
+
+
+def _label(role: Role, card: PersonaCard, user: str) -> str:
+    return card.name if role == "char" else user
+
+
+def _persona_text(card: PersonaCard, user: str) -> str:
+    parts = [card.render(card.description, user)]
+    if card.style:
+        parts.append(card.render(card.style, user))
+    return "\n".join(p.strip() for p in parts if p.strip())
+
+
+def _example_text(card: PersonaCard, turns: list[tuple[str, str]], user: str) -> str:
+    return "\n".join(f"{_label(role, card, user)}: {one_line(card.render(text, user))}" for role, text in turns)
+
+
+def _chat_messages(turns: list[Turn]) -> list[dict[str, str]]:
+    """Role/content messages; consecutive turns of one speaker are merged (templates want alternation)."""
+    messages: list[dict[str, str]] = []
+    for turn in turns:
+        role = "assistant" if turn.role == "char" else "user"
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n" + turn.text
+        else:
+            messages.append({"role": role, "content": turn.text})
+    return messages

@@ -1,0 +1,356 @@
+"""SQLite storage through sqlite-utils: one file, WAL mode, schema migrated by `PRAGMA user_version`.
+
+Tables (every pick can later be turned into a (context, chosen, rejected) record without guessing):
+
+    users            one row per platform user ("discord:123", "telegram:456", "console:local")
+    conversations    a user's conversations; the active one has ended_at NULL
+    turns            what was said: user messages, greetings and picked replies only
+    candidate_sets   one per generation request: the exact prompt, sampling settings, model generation
+    candidates       the N sampled replies of a set, each with the settings and generation that made it
+    picks            which candidate the user chose (at most one per set)
+    reactions        thumbs up/down on single replies
+    generations      trained LoRA generations (filled by the nightly rollover)
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import sqlite_utils
+
+MIGRATIONS: list[str] = [
+    # 1: the initial schema
+    """
+    CREATE TABLE users (
+        id TEXT PRIMARY KEY,
+        platform TEXT NOT NULL,
+        platform_user_id TEXT NOT NULL,
+        display_name TEXT NOT NULL DEFAULT '',
+        persona TEXT NOT NULL,
+        language TEXT,
+        learning_opt_out INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE conversations (
+        id INTEGER PRIMARY KEY,
+        user_id TEXT NOT NULL REFERENCES users(id),
+        persona TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        ended_at TEXT
+    );
+    CREATE INDEX conversations_user ON conversations(user_id, ended_at);
+    CREATE TABLE turns (
+        id INTEGER PRIMARY KEY,
+        conversation_id INTEGER NOT NULL REFERENCES conversations(id),
+        user_id TEXT NOT NULL REFERENCES users(id),
+        role TEXT NOT NULL CHECK (role IN ('user', 'char')),
+        text TEXT NOT NULL,
+        source TEXT NOT NULL CHECK (source IN ('typed', 'greeting', 'picked')),
+        candidate_set_id TEXT REFERENCES candidate_sets(id),
+        candidate_id INTEGER REFERENCES candidates(id),
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX turns_conversation ON turns(conversation_id, id);
+    CREATE TABLE candidate_sets (
+        id TEXT PRIMARY KEY,
+        conversation_id INTEGER NOT NULL REFERENCES conversations(id),
+        user_id TEXT NOT NULL REFERENCES users(id),
+        user_turn_id INTEGER NOT NULL REFERENCES turns(id),
+        persona TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        context_json TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        dropped_turns INTEGER NOT NULL DEFAULT 0,
+        model TEXT NOT NULL,
+        generation TEXT NOT NULL,
+        sampling_json TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'open'
+            CHECK (status IN ('open', 'picked', 'skipped', 'regenerated', 'reset')),
+        created_at TEXT NOT NULL,
+        closed_at TEXT
+    );
+    CREATE INDEX candidate_sets_user ON candidate_sets(user_id, status);
+    CREATE TABLE candidates (
+        id INTEGER PRIMARY KEY,
+        set_id TEXT NOT NULL REFERENCES candidate_sets(id),
+        idx INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        model TEXT NOT NULL,
+        generation TEXT NOT NULL,
+        sampling_json TEXT NOT NULL,
+        new_tokens INTEGER NOT NULL,
+        hit_stop INTEGER NOT NULL,
+        UNIQUE (set_id, idx)
+    );
+    CREATE TABLE picks (
+        id INTEGER PRIMARY KEY,
+        set_id TEXT NOT NULL UNIQUE REFERENCES candidate_sets(id),
+        candidate_id INTEGER NOT NULL REFERENCES candidates(id),
+        user_id TEXT NOT NULL REFERENCES users(id),
+        turn_id INTEGER NOT NULL REFERENCES turns(id),
+        auto INTEGER NOT NULL DEFAULT 0,  -- 1: the only distinct candidate, taken without asking
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE reactions (
+        id INTEGER PRIMARY KEY,
+        user_id TEXT NOT NULL REFERENCES users(id),
+        turn_id INTEGER NOT NULL REFERENCES turns(id),
+        value INTEGER NOT NULL CHECK (value IN (-1, 1)),
+        emoji TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL,
+        UNIQUE (user_id, turn_id)
+    );
+    CREATE TABLE generations (
+        id INTEGER PRIMARY KEY,
+        lineage TEXT NOT NULL,
+        number INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        parent_id INTEGER REFERENCES generations(id),
+        status TEXT NOT NULL,
+        metrics_json TEXT NOT NULL DEFAULT '{}',
+        created_at TEXT NOT NULL,
+        UNIQUE (lineage, number)
+    );
+    """,
+]
+
+CLOSED_STATUSES = ("picked", "skipped", "regenerated", "reset")
+
+
+class StoreError(Exception):
+    """The database cannot be used (newer schema, unreadable file)."""
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_set_id() -> str:
+    return secrets.token_hex(6)
+
+
+class Store:
+    """All reads and writes of the SQLite file. Methods are small and each write is one transaction."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
+            self.db = sqlite_utils.Database(conn)
+            self.db.execute("PRAGMA foreign_keys = ON")
+            if str(path) != ":memory:":
+                self.db.enable_wal()
+            self._lock = threading.RLock()
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from None
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    # -- schema ---------------------------------------------------------------------------------
+
+    @property
+    def schema_version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _migrate(self) -> None:
+        version = self.schema_version
+        if version > len(MIGRATIONS):
+            raise StoreError(f"database {self.path} has schema {version}, newer than this Banryeo ({len(MIGRATIONS)})")
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            with self.transaction():
+                for statement in script.split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version = {number}")
+
+    def transaction(self):
+        return _Transaction(self)
+
+    # -- users and conversations ----------------------------------------------------------------
+
+    def user(self, user_id: str) -> dict | None:
+        return self._one("SELECT * FROM users WHERE id = ?", user_id)
+
+    def ensure_user(self, user_id: str, platform: str, platform_user_id: str, display_name: str, persona: str) -> dict:
+        with self.transaction():
+            self.db.execute(
+                "INSERT OR IGNORE INTO users (id, platform, platform_user_id, display_name, persona, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [user_id, platform, platform_user_id, display_name, persona, now()],
+            )
+            if display_name:
+                self.db.execute("UPDATE users SET display_name = ? WHERE id = ?", [display_name, user_id])
+        return self.user(user_id)
+
+    def update_user(self, user_id: str, **fields: Any) -> None:
+        with self.transaction():
+            self.db["users"].update(user_id, fields)
+
+    def active_conversation(self, user_id: str) -> dict | None:
+        return self._one("SELECT * FROM conversations WHERE user_id = ? AND ended_at IS NULL ORDER BY id DESC LIMIT 1",
+                         user_id)
+
+    def start_conversation(self, user_id: str, persona: str, greeting: str) -> int:
+        """End the active conversation (closing its open sets) and start a new one with a greeting turn."""
+        with self.transaction():
+            self.close_open_sets(user_id, "reset")
+            self.db.execute("UPDATE conversations SET ended_at = ? WHERE user_id = ? AND ended_at IS NULL",
+                            [now(), user_id])
+            conversation_id = self.db["conversations"].insert(
+                {"user_id": user_id, "persona": persona, "started_at": now(), "ended_at": None}).last_pk
+            self.add_turn(conversation_id, user_id, "char", greeting, "greeting")
+        return conversation_id
+
+    # -- turns ----------------------------------------------------------------------------------
+
+    def add_turn(self, conversation_id: int, user_id: str, role: str, text: str, source: str,
+                 candidate_set_id: str | None = None, candidate_id: int | None = None) -> int:
+        with self.transaction():
+            return self.db["turns"].insert({
+                "conversation_id": conversation_id, "user_id": user_id, "role": role, "text": text,
+                "source": source, "candidate_set_id": candidate_set_id, "candidate_id": candidate_id,
+                "created_at": now(),
+            }).last_pk
+
+    def turns(self, conversation_id: int) -> list[dict]:
+        return list(self.db.query("SELECT * FROM turns WHERE conversation_id = ? ORDER BY id", [conversation_id]))
+
+    def turn(self, turn_id: int) -> dict | None:
+        return self._one("SELECT * FROM turns WHERE id = ?", turn_id)
+
+    # -- candidate sets and picks ---------------------------------------------------------------
+
+    def add_candidate_set(self, *, conversation_id: int, user_id: str, user_turn_id: int, persona: str,
+                          prompt: str, context: list[dict], prompt_tokens: int, dropped_turns: int, model: str,
+                          generation: str, sampling: dict, candidates: list[dict]) -> str:
+        """Store a set and its candidates (dicts with text, new_tokens, hit_stop); returns the set id."""
+        set_id = new_set_id()
+        sampling_json = json.dumps(sampling, sort_keys=True)
+        with self.transaction():
+            self.db["candidate_sets"].insert({
+                "id": set_id, "conversation_id": conversation_id, "user_id": user_id, "user_turn_id": user_turn_id,
+                "persona": persona, "prompt": prompt, "context_json": json.dumps(context, ensure_ascii=False),
+                "prompt_tokens": prompt_tokens, "dropped_turns": dropped_turns, "model": model,
+                "generation": generation, "sampling_json": sampling_json, "status": "open", "created_at": now(),
+                "closed_at": None,
+            })
+            self.db["candidates"].insert_all({
+                "set_id": set_id, "idx": idx, "text": c["text"], "model": model, "generation": generation,
+                "sampling_json": sampling_json, "new_tokens": c["new_tokens"], "hit_stop": int(c["hit_stop"]),
+            } for idx, c in enumerate(candidates))
+        return set_id
+
+    def candidate_set(self, set_id: str) -> dict | None:
+        row = self._one("SELECT * FROM candidate_sets WHERE id = ?", set_id)
+        if row is not None:
+            row["candidates"] = list(self.db.query("SELECT * FROM candidates WHERE set_id = ? ORDER BY idx", [set_id]))
+        return row
+
+    def open_set(self, user_id: str) -> dict | None:
+        row = self._one("SELECT id FROM candidate_sets WHERE user_id = ? AND status = 'open' "
+                        "ORDER BY created_at DESC LIMIT 1", user_id)
+        return self.candidate_set(row["id"]) if row else None
+
+    def close_open_sets(self, user_id: str, status: str) -> int:
+        assert status in CLOSED_STATUSES
+        with self.transaction():
+            return self.db.execute("UPDATE candidate_sets SET status = ?, closed_at = ? WHERE user_id = ? "
+                                   "AND status = 'open'", [status, now(), user_id]).rowcount
+
+    def pick_of(self, set_id: str) -> dict | None:
+        return self._one("SELECT picks.*, candidates.idx AS idx, candidates.text AS text FROM picks "
+                         "JOIN candidates ON candidates.id = picks.candidate_id WHERE picks.set_id = ?", set_id)
+
+    def record_pick(self, set_row: dict, index: int, auto: bool = False) -> int:
+        """Atomically: the picked reply becomes a turn, the pick is stored, the set is closed. Returns the turn id.
+
+        Raises sqlite3.IntegrityError when the set was already picked (the UNIQUE constraint is the last guard).
+        """
+        candidate = set_row["candidates"][index]
+        with self.transaction():
+            turn_id = self.add_turn(set_row["conversation_id"], set_row["user_id"], "char", candidate["text"],
+                                    "picked", set_row["id"], candidate["id"])
+            self.db["picks"].insert({"set_id": set_row["id"], "candidate_id": candidate["id"],
+                                     "user_id": set_row["user_id"], "turn_id": turn_id, "auto": int(auto),
+                                     "created_at": now()})
+            updated = self.db.execute("UPDATE candidate_sets SET status = 'picked', closed_at = ? "
+                                      "WHERE id = ? AND status = 'open'", [now(), set_row["id"]]).rowcount
+            if updated != 1:
+                raise sqlite3.IntegrityError(f"candidate set {set_row['id']} is no longer open")
+        return turn_id
+
+    # -- reactions ------------------------------------------------------------------------------
+
+    def set_reaction(self, user_id: str, turn_id: int, value: int, emoji: str = "") -> None:
+        """Thumbs up (+1) or down (-1) on a reply; a later reaction on the same turn replaces it."""
+        with self.transaction():
+            self.db["reactions"].upsert({"user_id": user_id, "turn_id": turn_id, "value": value, "emoji": emoji,
+                                         "created_at": now()}, pk=("user_id", "turn_id"))
+
+    # -- feedback for training ------------------------------------------------------------------
+
+    def preference_records(self, user_id: str | None = None) -> Iterator[dict]:
+        """One record per real pick: the prompt exactly as the model saw it, the chosen text, the rejected siblings.
+
+        Automatic picks (a set with a single distinct candidate) and users who opted out of learning are left out.
+        """
+        sql = ("SELECT s.id AS set_id, s.user_id, s.prompt, s.context_json, s.generation, s.sampling_json, "
+               "p.candidate_id, p.created_at FROM picks p JOIN candidate_sets s ON s.id = p.set_id "
+               "JOIN users u ON u.id = s.user_id WHERE u.learning_opt_out = 0 AND p.auto = 0")
+        params: list[Any] = []
+        if user_id is not None:
+            sql += " AND s.user_id = ?"
+            params.append(user_id)
+        for row in self.db.query(sql + " ORDER BY p.id", params):
+            candidates = list(self.db.query("SELECT id, text FROM candidates WHERE set_id = ? ORDER BY idx",
+                                            [row["set_id"]]))
+            yield {
+                "set_id": row["set_id"], "user_id": row["user_id"], "prompt": row["prompt"],
+                "context": json.loads(row["context_json"]), "generation": row["generation"],
+                "sampling": json.loads(row["sampling_json"]), "picked_at": row["created_at"],
+                "chosen": next(c["text"] for c in candidates if c["id"] == row["candidate_id"]),
+                "rejected": [c["text"] for c in candidates if c["id"] != row["candidate_id"]],
+            }
+
+    def stats(self) -> dict[str, int]:
+        tables = ["users", "conversations", "turns", "candidate_sets", "picks", "reactions", "generations"]
+        return {t: self.db[t].count for t in tables}
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _one(self, sql: str, *params: Any) -> dict | None:
+        rows = list(self.db.query(sql, list(params)))
+        return rows[0] if rows else None
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, re-entrant: nested uses join the outer transaction."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.outer = False
+
+    def __enter__(self):
+        self.store._lock.acquire()
+        self.outer = not self.store.db.conn.in_transaction
+        if self.outer:
+            self.store.db.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if self.outer:
+                self.store.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.store._lock.release()
+        return False

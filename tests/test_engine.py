@@ -1,0 +1,181 @@
+"""The dialogue engine end to end on the tiny random model and a real SQLite file."""
+
+import asyncio
+import threading
+
+import pytest
+
+from bot.engine import DialogueEngine, EngineError, UserRef
+
+ALICE = UserRef("test", "alice", "Alice")
+BOB = UserRef("test", "bob", "Bob")
+
+
+async def test_message_offers_distinct_candidates_and_stores_everything(engine, store):
+    offer = await engine.on_message(ALICE, "안녕! 오늘 너무 피곤했어")
+    assert offer.opening  # first message: the persona's greeting comes first
+    assert 1 <= len(offer.texts) <= 3
+    assert all(t.strip() == t and t for t in offer.texts)
+    assert len(set(offer.texts)) == len(offer.texts)
+    row = store.candidate_set(offer.id)
+    assert row["status"] == "open" and row["user_id"] == ALICE.id
+    assert [c["text"] for c in row["candidates"]] == offer.texts
+    assert row["prompt"].endswith("하루:")
+    assert row["generation"] == "base" and row["model"] == engine.backend.name
+    assert '"temperature"' in row["sampling_json"] and row["candidates"][0]["sampling_json"] == row["sampling_json"]
+
+
+async def test_pick_continues_with_the_picked_reply_only(engine, store):
+    offer = await engine.on_message(ALICE, "배고파")
+    if offer.auto_picked:
+        pytest.skip("the tiny model gave one distinct reply")
+    picked = await engine.on_pick(ALICE, offer.id, 1)
+    assert picked.text == offer.texts[1] and not picked.already
+    turns = store.turns(store.active_conversation(ALICE.id)["id"])
+    assert [(t["role"], t["source"]) for t in turns] == [("char", "greeting"), ("user", "typed"), ("char", "picked")]
+    assert turns[-1]["text"] == offer.texts[1]
+    following = await engine.on_message(ALICE, "라면 어때?")
+    prompt = store.candidate_set(following.id)["prompt"]
+    assert offer.texts[1] in prompt
+    for rejected in offer.texts[:1] + offer.texts[2:]:
+        assert f"하루: {rejected}\n" not in prompt
+
+
+async def test_pick_errors_are_clear_and_change_nothing(engine, store):
+    offer = await engine.on_message(ALICE, "주말에 뭐 해?")
+    assert not offer.auto_picked, "three samples of 12 random tokens should differ"
+    with pytest.raises(EngineError) as err:
+        await engine.on_pick(ALICE, offer.id, 7)
+    assert err.value.key == "pick_out_of_range" and err.value.params == {"count": len(offer.texts)}
+    with pytest.raises(EngineError, match="pick_unknown"):
+        await engine.on_pick(BOB, offer.id, 0)  # someone else's set
+    with pytest.raises(EngineError, match="pick_unknown"):
+        await engine.on_pick(ALICE, "feedfacecafe", 0)
+    assert store.stats()["picks"] == 0
+
+    await engine.on_pick(ALICE, offer.id, 0)
+    again = await engine.on_pick(ALICE, offer.id, 0)  # double click: same answer, nothing new stored
+    assert again.already and again.text == offer.texts[0]
+    with pytest.raises(EngineError) as err:
+        await engine.on_pick(ALICE, offer.id, 1)
+    assert err.value.key == "pick_already" and err.value.params == {"index": 1}
+    assert store.stats()["picks"] == 1
+
+    old = await engine.on_message(ALICE, "강아지 산책 가자")
+    await engine.on_message(ALICE, "아니다, 그냥 쉬자")  # a new message skips the old offer
+    with pytest.raises(EngineError, match="pick_stale"):
+        await engine.on_pick(ALICE, old.id, 0)
+    assert store.candidate_set(old.id)["status"] == "skipped"
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t ", "\x00"])
+async def test_empty_messages_are_refused_and_store_nothing(engine, store, text):
+    with pytest.raises(EngineError, match="empty_message"):
+        await engine.on_message(ALICE, text)
+    assert store.stats()["turns"] == 0
+
+
+async def test_huge_message_is_shortened_in_the_prompt_but_stored_whole(engine, store, settings):
+    huge = "가나다라 " * 25_000  # 125,000 characters
+    offer = await engine.on_message(ALICE, huge)
+    notice = next(n for n in offer.notices if n.key == "message_shortened")
+    assert notice.params == {"length": len(huge.strip()), "limit": settings.chat.max_message_chars}
+    turns = store.turns(store.active_conversation(ALICE.id)["id"])
+    assert turns[-1]["text"] == huge.strip()
+    row = store.candidate_set(offer.id)
+    assert row["prompt_tokens"] <= settings.chat.max_context_tokens
+    assert len(row["prompt"]) < 10_000
+
+
+async def test_duplicates_are_dropped_and_a_single_reply_is_taken_directly(engine, store):
+    engine.settings.sampling.temperature = 0.01  # near-greedy: every sample is the same
+    offer = await engine.on_message(ALICE, "안녕")
+    assert len(offer.texts) == 1 and offer.auto_picked
+    assert [n.key for n in offer.notices] == ["fewer_candidates"]
+    assert store.candidate_set(offer.id)["status"] == "picked"
+    assert list(store.preference_records()) == []  # nothing was chosen over anything
+
+
+async def test_regenerate_offers_new_candidates_for_the_same_message(engine, store):
+    with pytest.raises(EngineError, match="nothing_to_regenerate"):
+        await engine.regenerate(ALICE)
+    first = await engine.on_message(ALICE, "심심해")
+    second = await engine.regenerate(ALICE)
+    assert second.id != first.id
+    assert store.candidate_set(first.id)["status"] == "regenerated"
+    assert store.candidate_set(second.id)["user_turn_id"] == store.candidate_set(first.id)["user_turn_id"]
+    with pytest.raises(EngineError, match="pick_stale"):
+        await engine.on_pick(ALICE, first.id, 0)
+    await engine.on_pick(ALICE, second.id, 0)
+    with pytest.raises(EngineError, match="nothing_to_regenerate"):
+        await engine.regenerate(ALICE)
+
+
+async def test_reset_and_persona_switch_start_new_conversations(engine, store):
+    opening = await engine.open(ALICE)
+    assert opening.greeting in engine.personas.get("haru").greetings
+    assert (await engine.open(ALICE)).greeting is None  # already talking
+    first = store.active_conversation(ALICE.id)["id"]
+    offer = await engine.on_message(ALICE, "안녕")
+    await engine.reset(ALICE)
+    assert store.active_conversation(ALICE.id)["id"] != first
+    assert store.candidate_set(offer.id)["status"] == "reset"
+    assert len(store.turns(first)) == 2  # the old conversation is kept
+
+    assert engine.language_of(ALICE) == "ko"
+    opening = await engine.set_persona(ALICE, "sam")
+    assert opening.persona == "Sam" and engine.language_of(ALICE) == "en"
+    with pytest.raises(EngineError) as err:
+        await engine.set_persona(ALICE, "nobody")
+    assert err.value.key == "persona_unknown" and "haru" in err.value.params["personas"]
+
+
+async def test_picks_become_preference_records_without_guessing(engine, store):
+    offer = await engine.on_message(ALICE, "저녁 뭐 먹지?")
+    await engine.on_pick(ALICE, offer.id, 2 if len(offer.texts) == 3 else 0)
+    [record] = store.preference_records()
+    chosen = offer.texts[2 if len(offer.texts) == 3 else 0]
+    assert record["chosen"] == chosen
+    assert sorted(record["rejected"]) == sorted(t for t in offer.texts if t != chosen)
+    assert record["prompt"] == store.candidate_set(offer.id)["prompt"]
+    assert record["context"][-1] == {"role": "user", "content": "저녁 뭐 먹지?"}
+    store.update_user(ALICE.id, learning_opt_out=1)
+    assert list(store.preference_records()) == []
+
+
+async def test_one_users_generation_does_not_block_another_users_pick(engine, store):
+    bob_offer = await engine.on_message(BOB, "안녕")
+    engine.backend.lock.acquire()  # the model is busy: Alice's sampling has to wait
+    try:
+        alice = asyncio.create_task(engine.on_message(ALICE, "안녕"))
+        await asyncio.sleep(0.05)
+        picked = await asyncio.wait_for(engine.on_pick(BOB, bob_offer.id, 0), timeout=5)
+        assert picked.text == bob_offer.texts[0]
+        assert not alice.done()
+    finally:
+        engine.backend.lock.release()
+    assert (await alice).texts
+
+
+async def test_requests_of_one_user_are_serialised(engine, store):
+    results = await asyncio.gather(*(engine.on_message(ALICE, f"메시지 {i}") for i in range(4)))
+    sets = [store.candidate_set(r.id) for r in results]
+    assert [s["status"] for s in sets] == ["skipped", "skipped", "skipped", "open"]
+    turns = store.turns(store.active_conversation(ALICE.id)["id"])
+    assert [t["text"] for t in turns if t["role"] == "user"] == [f"메시지 {i}" for i in range(4)]
+    # each set answers its own message, and saw the messages before it
+    for i, s in enumerate(sets):
+        assert f"메시지 {i}\n하루:" in s["prompt"]
+
+
+async def test_state_survives_a_restart(settings, tiny_backend):
+    from bot.store import Store
+    from persona import PersonaLibrary
+
+    first = DialogueEngine(Store(settings.storage.db_path), tiny_backend, PersonaLibrary(), settings)
+    offer = await first.on_message(ALICE, "기억해 줘")
+    first.store.close()
+    second = DialogueEngine(Store(settings.storage.db_path), tiny_backend, PersonaLibrary(), settings)
+    picked = await second.on_pick(ALICE, offer.id, 0)
+    assert picked.text == offer.texts[0]
+    second.store.close()

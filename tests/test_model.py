@@ -1,0 +1,66 @@
+"""The model backend: loading, batched sampling with stops, chat templates, clear load errors."""
+
+import pytest
+
+from bot.config import ModelSettings, SamplingSettings
+from bot.model import ModelBackend, ModelError, resolve_dtype
+
+
+def test_batched_samples_stop_at_the_first_stop_string(tiny_backend):
+    samples = tiny_backend.sample("나: 안녕\n하루:", 3, SamplingSettings(max_new_tokens=30), stop=["\n", "하"])
+    assert len(samples) == 3
+    for s in samples:
+        assert "\n" not in s.text and "하" not in s.text
+        assert 0 < s.new_tokens <= 30
+
+
+def test_auto_prompt_format_follows_the_chat_template(tiny_model_dir, tiny_chat_model_dir):
+    plain = ModelBackend.load(ModelSettings(name=str(tiny_model_dir), dtype="float32"))
+    chat = ModelBackend.load(ModelSettings(name=str(tiny_chat_model_dir), dtype="float32"))
+    assert not plain.use_chat_template and chat.use_chat_template
+    rendered = chat.chat_prompt([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}])
+    assert rendered == "<|system|>S\n<|user|>U\n<|assistant|>"
+    forced = ModelBackend.load(ModelSettings(name=str(tiny_chat_model_dir), dtype="float32",
+                                             prompt_format="transcript"))
+    assert not forced.use_chat_template
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("/no/such/model", "does not exist"),
+    ("./relative/missing", "does not exist"),
+    ("nobody/no-such-model-anywhere", "Offline mode"),
+])
+def test_missing_models_fail_with_a_clear_error(name, fragment):
+    with pytest.raises(ModelError, match=fragment):
+        ModelBackend.load(ModelSettings(name=name))
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="config.json"):
+        ModelBackend.load(ModelSettings(name=str(tmp_path)))
+
+
+def test_dtype_auto_is_bfloat16_on_cpu():
+    import torch
+
+    assert resolve_dtype("auto") == torch.bfloat16
+    assert resolve_dtype("float32") == torch.float32
+
+
+def test_adapter_folder_must_be_a_peft_adapter(tiny_model_dir, tmp_path):
+    with pytest.raises(ModelError, match="adapter_config.json"):
+        ModelBackend.load(ModelSettings(name=str(tiny_model_dir), adapter=tmp_path))
+
+
+def test_lora_adapter_is_applied_and_named(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "gen-0001")
+    backend = ModelBackend.load(ModelSettings(name=str(tiny_model_dir), dtype="float32",
+                                              adapter=tmp_path / "gen-0001"))
+    assert backend.generation == "gen-0001"
+    assert type(backend.model).__name__.startswith("Peft")
+    assert backend.sample("안녕", 2, SamplingSettings(max_new_tokens=4), stop=[])
