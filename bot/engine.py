@@ -37,7 +37,7 @@ MAX_SAMPLING_ROUNDS = 3  # first round plus refills for empty or duplicate candi
 class EngineError(Exception):
     """Something the user should be told about; `key` names the message in bot.messages."""
 
-    def __init__(self, key: str, **params: object):
+    def __init__(self, key: str, /, **params: object):
         super().__init__(key)
         self.key = key
         self.params = params
@@ -230,6 +230,9 @@ class DialogueEngine:
         prompt = build_prompt(card, history, count_tokens=self.backend.count_tokens,
                               budget=self.settings.chat.max_context_tokens,
                               chat_template=self.backend.chat_prompt if self.backend.use_chat_template else None)
+        if prompt.shortened_last and not notices:
+            newest = history[-1].text
+            notices.append(Notice("message_shortened", {"length": len(newest), "limit": len(newest)}))
         texts, raw = await self._sample_distinct(prompt, card)
         wanted = self.settings.sampling.candidates
         if not texts:

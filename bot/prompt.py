@@ -40,6 +40,7 @@ class Prompt:
     messages: list[dict[str, str]] = field(default_factory=list)  # the context as role/content messages
     dropped_turns: int = 0         # oldest history turns left out to fit the budget
     tokens: int = 0
+    shortened_last: bool = False   # the newest turn had to be cut to fit the budget
 
 
 def shorten(text: str, limit: int) -> tuple[str, bool]:
@@ -94,6 +95,13 @@ def build_prompt(card: PersonaCard, history: list[Turn], *, count_tokens: Callab
         start += 1
         prompt = render(history[start:], with_examples)
         prompt.tokens = count_tokens(prompt.text)
+    kept = history[start:]
+    while prompt.tokens > budget and len(kept[-1].text) > 2 * len(ELLIPSIS):  # the newest turn alone is too long
+        text, _ = shorten(kept[-1].text, int(len(kept[-1].text) * 0.8))
+        kept[-1] = Turn(kept[-1].role, text)
+        prompt = render(kept, with_examples)
+        prompt.tokens = count_tokens(prompt.text)
+        prompt.shortened_last = True
     prompt.dropped_turns = start
     return prompt
 

@@ -88,7 +88,7 @@ async def test_huge_message_is_shortened_in_the_prompt_but_stored_whole(engine, 
 
 
 async def test_duplicates_are_dropped_and_a_single_reply_is_taken_directly(engine, store):
-    engine.settings.sampling.temperature = 0.01  # near-greedy: every sample is the same
+    engine.settings.sampling.top_k = 1  # greedy: every sample is the same
     offer = await engine.on_message(ALICE, "안녕")
     assert len(offer.texts) == 1 and offer.auto_picked
     assert [n.key for n in offer.notices] == ["fewer_candidates"]

@@ -31,7 +31,16 @@ def test_oldest_turns_are_dropped_first_and_last_turn_always_kept():
     assert small.dropped_turns > 0
     assert "말 39" in small.text and "말 0 " not in small.text
     tiny = build_prompt(card, history, count_tokens=words, budget=5)  # nothing fits: still the newest turn
-    assert "말 39" in tiny.text and tiny.dropped_turns == 39
+    assert tiny.dropped_turns == 39 and f"{card.user_name()}: 말" in tiny.text
+
+
+def test_a_newest_turn_over_the_budget_is_cut_to_fit():
+    card = haru()
+    base = build_prompt(card, [Turn("user", "x")], count_tokens=words, budget=100_000).tokens
+    history = [Turn("char", "안녕"), Turn("user", "처음 " + "단어 " * 3000 + "끝")]
+    prompt = build_prompt(card, history, count_tokens=words, budget=base + 100)
+    assert prompt.shortened_last and prompt.tokens <= base + 100
+    assert "처음" in prompt.text and "끝" in prompt.text and ELLIPSIS.strip() in prompt.text
 
 
 def test_chat_template_gets_system_and_alternating_roles():

@@ -1,0 +1,1 @@
+"""Preference learning from picks: datasets built from the store, LoRA training, gates."""
