@@ -460,14 +460,16 @@ def builtin_cards_dir() -> Path:
 class PersonaLibrary:
     """Built-in cards plus the *.toml cards of a user folder, which override built-ins of the same key.
 
-    In a library the file name decides the key (haru.toml -> "haru"); cards are read on each `get`,
-    so an edited file takes effect at once and a broken one only fails when it is asked for.
+    In a library the file name decides the key (haru.toml -> "haru"). A card is parsed again only
+    when its file changed, so an edited file takes effect at once and a broken one only fails when
+    it is asked for.
     """
 
     DEFAULT_KEY = "haru"
 
     def __init__(self, user_dir: Path | None = None) -> None:
         self.user_dir = Path(user_dir).expanduser() if user_dir is not None else None
+        self._parsed: dict[Path, tuple[int, PersonaCard]] = {}  # path -> (mtime_ns, card)
 
     def _paths(self) -> dict[str, Path]:
         folders = [builtin_cards_dir()] + ([self.user_dir] if self.user_dir and self.user_dir.is_dir() else [])
@@ -481,9 +483,17 @@ class PersonaLibrary:
         paths = self._paths()
         if key not in paths:
             raise PersonaError(f"unknown persona '{key}'; available: {', '.join(sorted(paths))}")
-        card = load_card(paths[key])
-        card.key = key
-        return card
+        path = paths[key]
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError:
+            stamp = -1  # vanished meanwhile: load_card says so
+        cached = self._parsed.get(path)
+        if cached is None or cached[0] != stamp:
+            card = load_card(path)
+            card.key = key
+            self._parsed[path] = cached = (stamp, card)
+        return cached[1]
 
     def save(self, card: PersonaCard) -> Path:
         if self.user_dir is None:

@@ -179,3 +179,20 @@ async def test_state_survives_a_restart(settings, tiny_backend):
     picked = await second.on_pick(ALICE, offer.id, 0)
     assert picked.text == offer.texts[0]
     second.store.close()
+
+
+async def test_a_vanished_or_broken_persona_file_falls_back_to_the_default(engine, store, settings):
+    from persona import dump_card
+
+    card = engine.personas.get("sam")
+    card_copy = type(card)(**{**card.__dict__, "key": "mine", "name": "Mina"})
+    path = engine.personas.save(card_copy)
+    opening = await engine.set_persona(ALICE, "mine")
+    assert opening.persona == "Mina"
+    path.write_text("name = \n")  # corrupt
+    offer = await engine.on_message(ALICE, "hello?")
+    assert offer.texts and store.candidate_set(offer.id)["persona"] == "haru"
+    path.unlink()  # gone
+    assert (await engine.on_message(ALICE, "still there?")).texts
+    assert store.user(ALICE.id)["persona"] == "mine"  # the user's choice is kept for when the file returns
+    assert dump_card(card)  # the built-in card itself is untouched
