@@ -6,6 +6,7 @@ import threading
 import pytest
 
 from bot.engine import DialogueEngine, EngineError, UserRef
+from bot.prompt import one_line
 
 ALICE = UserRef("test", "alice", "Alice")
 BOB = UserRef("test", "bob", "Bob")
@@ -36,9 +37,9 @@ async def test_pick_continues_with_the_picked_reply_only(engine, store):
     assert turns[-1]["text"] == offer.texts[1]
     following = await engine.on_message(ALICE, "라면 어때?")
     prompt = store.candidate_set(following.id)["prompt"]
-    assert offer.texts[1] in prompt
+    assert f"하루: {one_line(offer.texts[1])}\n" in prompt  # transcripts keep one line per turn
     for rejected in offer.texts[:1] + offer.texts[2:]:
-        assert f"하루: {rejected}\n" not in prompt
+        assert f"하루: {one_line(rejected)}\n" not in prompt
 
 
 async def test_pick_errors_are_clear_and_change_nothing(engine, store):
