@@ -60,6 +60,48 @@ class ChatSettings(_Section):
     max_context_tokens: int = Field(1024, ge=128, description="prompt budget; the oldest turns are dropped first")
 
 
+class TrainingSettings(_Section):
+    """Nightly preference learning (DPO on picks, KTO on thumbs) of a LoRA adapter over the base model."""
+
+    lineage: Literal["per_user", "shared"] = Field("per_user", description="a companion per user, or one for all")
+    min_new_picks: int = Field(20, ge=1, description="picks since the last generation needed to train")
+    heldout_fraction: float = Field(0.2, gt=0, lt=1, description="newest share of picks kept for the gate")
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    beta: float = Field(0.1, gt=0, description="DPO KL strength: higher stays closer to the base")
+    sft_weight: float = Field(0.05, ge=0, le=1, description="small NLL term on chosen replies")
+    learning_rate: float = Field(5e-5, gt=0)
+    epochs: float = Field(2, gt=0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(2, ge=1)
+    max_length: int = Field(1152, ge=64, description="prompt + reply tokens; older turns are trimmed first")
+    max_rejected_per_pick: int = Field(2, ge=1)
+    kto_min_thumbs: int = Field(30, ge=2, description="thumbs (with 10 of each kind) needed for a KTO stage")
+    seed: int = 42
+    keep_generations: int = Field(7, ge=1, description="generation folders kept per lineage")
+
+
+class GateSettings(_Section):
+    """Checks a new generation must pass before it is served (see README: the gate)."""
+
+    min_accuracy: float = Field(0.6, ge=0, le=1, description="held-out pick accuracy of the new generation")
+    min_gain_over_base: float = Field(0.0, description="accuracy must beat the base by more than this")
+    max_drop_from_current: float = Field(0.03, ge=0, description="allowed accuracy drop against the serving one")
+    min_distinct2_ratio: float = Field(0.9, ge=0, description="distinct-2 of samples relative to the base")
+    max_self_bleu_ratio: float = Field(1.1, ge=0, description="self-BLEU of samples relative to the base")
+    max_repetition_rate: float = Field(0.05, ge=0, le=1, description="share of samples with a repetition loop")
+    length_band: tuple[float, float] = Field((0.7, 1.4), description="mean reply length relative to the base")
+    max_kl_per_token: float = Field(0.5, gt=0, description="Monte-Carlo KL from the base, nats per token")
+    probe_contexts: int = Field(12, ge=1, description="held-out contexts sampled for diversity")
+    samples_per_context: int = Field(6, ge=2)
+
+
+class ScheduleSettings(_Section):
+    nightly_time: str = Field("04:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="local time, HH:MM")
+    timezone: str = Field("Asia/Seoul")
+    enabled: bool = True
+
+
 class StorageSettings(_Section):
     data_dir: Path = Field(Path("~/.local/share/banryeo"), description="database, imported personas, adapters")
 
@@ -71,6 +113,10 @@ class StorageSettings(_Section):
     def persona_dir(self) -> Path:
         return self.data_dir.expanduser() / "personas"
 
+    @property
+    def generations_dir(self) -> Path:
+        return self.data_dir.expanduser() / "generations"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BANRYEO_", env_nested_delimiter="__", extra="forbid")
@@ -79,6 +125,9 @@ class Settings(BaseSettings):
     sampling: SamplingSettings = SamplingSettings()
     chat: ChatSettings = ChatSettings()
     storage: StorageSettings = StorageSettings()
+    training: TrainingSettings = TrainingSettings()
+    gate: GateSettings = GateSettings()
+    schedule: ScheduleSettings = ScheduleSettings()
     admins: list[str] = Field(default_factory=list, description="admin ids as 'platform:id', e.g. 'discord:1234'")
     discord_token: SecretStr | None = Field(None, validation_alias=AliasChoices("DISCORD_TOKEN", "BANRYEO_DISCORD_TOKEN"))
     telegram_token: SecretStr | None = Field(None, validation_alias=AliasChoices("TELEGRAM_TOKEN", "BANRYEO_TELEGRAM_TOKEN"))

@@ -11,6 +11,7 @@ or local folder works through `model.name` (offline: ids must already be in the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -130,7 +131,7 @@ class ModelBackend:
         tokenizer.padding_side = "left"
         generation = "base"
         if settings.adapter is not None:
-            model, generation = apply_adapter(model, settings.adapter)
+            model, generation = merge_adapter(model, settings.adapter)
         model.eval()
         use_chat = _wants_chat_template(settings.prompt_format, tokenizer, Path(source))
         logger.info("Loaded %s (%s, %s prompts) in %.1fs", settings.name, dtype, "chat" if use_chat else "transcript",
@@ -156,9 +157,57 @@ class ModelBackend:
                 return self.tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=True)
             raise
 
+    def load_adapter(self, name: str, path: Path) -> None:
+        """Make the LoRA adapter folder `path` available as `name` (once; later calls do nothing)."""
+        from peft import PeftModel
+
+        with self.lock:
+            if isinstance(self.model, PeftModel):
+                if name not in self.model.peft_config:
+                    self.model.load_adapter(str(path), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+            self.model.eval()
+
+    def has_adapter(self, name: str) -> bool:
+        return name in getattr(self.model, "peft_config", {})
+
+    def _use_adapter(self, adapter: str | None):
+        """Context for running on `adapter` (None: the base model, adapters disabled). Call under the lock."""
+        if not hasattr(self.model, "peft_config"):
+            if adapter is not None:
+                raise ModelError(f"adapter {adapter!r} is not loaded")
+            return contextlib.nullcontext()
+        if adapter is None:
+            return self.model.disable_adapter()
+        self.model.set_adapter(adapter)
+        return contextlib.nullcontext()
+
     @torch.inference_mode()
-    def sample(self, prompt: str, n: int, sampling: SamplingSettings, stop: list[str]) -> list[Sample]:
-        """Sample `n` continuations of `prompt` in one batched generate call, each cut at the first stop."""
+    def completion_logprobs(self, prompt: str, completions: list[str], adapter: str | None = None
+                            ) -> list[tuple[float, int]]:
+        """(sum of token log-probs, token count) of each completion after `prompt`."""
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=not self.use_chat_template).input_ids
+        results = []
+        with self.lock, self._use_adapter(adapter):
+            for completion in completions:
+                ids = self.tokenizer(prompt + completion, add_special_tokens=not self.use_chat_template).input_ids
+                start = len(prompt_ids)
+                if ids[:start] != prompt_ids:  # the join merged tokens at the boundary: score from the first change
+                    start = next(i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b)
+                tensor = torch.tensor([ids], device=self.model.device)
+                logits = self.model(tensor).logits[0, start - 1:-1].float()
+                logprobs = torch.log_softmax(logits, dim=-1).gather(1, tensor[0, start:, None])
+                results.append((logprobs.sum().item(), len(ids) - start))
+        return results
+
+    @torch.inference_mode()
+    def sample(self, prompt: str, n: int, sampling: SamplingSettings, stop: list[str],
+               adapter: str | None = None) -> list[Sample]:
+        """Sample `n` continuations of `prompt` in one batched generate call, each cut at the first stop.
+
+        `adapter` names a loaded LoRA adapter to sample with; None samples with the base model.
+        """
         inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not self.use_chat_template)
         inputs = inputs.to(self.model.device)
         kwargs = dict(
@@ -173,7 +222,7 @@ class ModelBackend:
         )
         if stop:
             kwargs.update(stop_strings=stop, tokenizer=self.tokenizer)
-        with self.lock:
+        with self.lock, self._use_adapter(adapter):
             if self._generator_seed is not None:
                 torch.manual_seed(self._generator_seed)
             output = self.model.generate(**inputs, **kwargs)
@@ -187,14 +236,18 @@ class ModelBackend:
         return samples
 
 
-def apply_adapter(model, adapter_dir: Path):
-    """Wrap the model with a LoRA adapter folder (peft format). Returns (model, generation label)."""
+def merge_adapter(model, adapter_dir: Path):
+    """Merge a configured LoRA adapter folder (peft format) into the base weights.
+
+    The merged model is the base that nightly generations are trained on and compared with.
+    Returns (model, label).
+    """
     adapter_dir = adapter_dir.expanduser()
     if not (adapter_dir / "adapter_config.json").exists():
         raise ModelError(f"adapter folder {adapter_dir} has no adapter_config.json")
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter_dir)), adapter_dir.name
+    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload(), adapter_dir.name
 
 
 def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

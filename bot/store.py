@@ -9,7 +9,8 @@ Tables (every pick can later be turned into a (context, chosen, rejected) record
     candidates       the N sampled replies of a set, each with the settings and generation that made it
     picks            which candidate the user chose (at most one per set)
     reactions        thumbs up/down on single replies
-    generations      trained LoRA generations (filled by the nightly rollover)
+    generations      trained LoRA generations with their gate metrics (written by the nightly rollover)
+    serving          per lineage, the generation being served (no row or NULL: the base model)
 """
 
 from __future__ import annotations
@@ -116,6 +117,17 @@ MIGRATIONS: list[str] = [
         metrics_json TEXT NOT NULL DEFAULT '{}',
         created_at TEXT NOT NULL,
         UNIQUE (lineage, number)
+    );
+    """,
+    # 2: generations record the data they were trained on and why the gate decided; each lineage has
+    #    one pointer to the generation it serves, changed in one transaction
+    """
+    ALTER TABLE generations ADD COLUMN last_pick_id INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE generations ADD COLUMN reason TEXT NOT NULL DEFAULT '';
+    CREATE TABLE serving (
+        lineage TEXT PRIMARY KEY,
+        generation_id INTEGER REFERENCES generations(id),
+        updated_at TEXT NOT NULL
     );
     """,
 ]
@@ -299,15 +311,15 @@ class Store:
 
     # -- feedback for training ------------------------------------------------------------------
 
-    def preference_records(self, user_id: str | None = None) -> Iterator[dict]:
+    def preference_records(self, user_id: str | None = None, after_pick_id: int = 0) -> Iterator[dict]:
         """One record per real pick: the prompt exactly as the model saw it, the chosen text, the rejected siblings.
 
         Automatic picks (a set with a single distinct candidate) and users who opted out of learning are left out.
         """
-        sql = ("SELECT s.id AS set_id, s.user_id, s.prompt, s.context_json, s.generation, s.sampling_json, "
-               "p.candidate_id, p.created_at FROM picks p JOIN candidate_sets s ON s.id = p.set_id "
-               "JOIN users u ON u.id = s.user_id WHERE u.learning_opt_out = 0 AND p.auto = 0")
-        params: list[Any] = []
+        sql = ("SELECT p.id AS pick_id, s.id AS set_id, s.user_id, s.prompt, s.context_json, s.generation, "
+               "s.sampling_json, p.candidate_id, p.created_at FROM picks p JOIN candidate_sets s ON s.id = p.set_id "
+               "JOIN users u ON u.id = s.user_id WHERE u.learning_opt_out = 0 AND p.auto = 0 AND p.id > ?")
+        params: list[Any] = [after_pick_id]
         if user_id is not None:
             sql += " AND s.user_id = ?"
             params.append(user_id)
@@ -315,12 +327,55 @@ class Store:
             candidates = list(self.db.query("SELECT id, text FROM candidates WHERE set_id = ? ORDER BY idx",
                                             [row["set_id"]]))
             yield {
-                "set_id": row["set_id"], "user_id": row["user_id"], "prompt": row["prompt"],
+                "pick_id": row["pick_id"], "set_id": row["set_id"], "user_id": row["user_id"], "prompt": row["prompt"],
                 "context": json.loads(row["context_json"]), "generation": row["generation"],
                 "sampling": json.loads(row["sampling_json"]), "picked_at": row["created_at"],
                 "chosen": next(c["text"] for c in candidates if c["id"] == row["candidate_id"]),
                 "rejected": [c["text"] for c in candidates if c["id"] != row["candidate_id"]],
             }
+
+    def thumb_records(self, user_id: str | None = None) -> Iterator[dict]:
+        """Thumbs on picked replies: the prompt of the set the reply came from, the reply, and the label."""
+        sql = ("SELECT r.id AS reaction_id, r.user_id, r.value, t.text, s.prompt, s.context_json FROM reactions r "
+               "JOIN turns t ON t.id = r.turn_id JOIN candidate_sets s ON s.id = t.candidate_set_id "
+               "JOIN users u ON u.id = r.user_id WHERE u.learning_opt_out = 0")
+        params: list[Any] = []
+        if user_id is not None:
+            sql += " AND r.user_id = ?"
+            params.append(user_id)
+        for row in self.db.query(sql + " ORDER BY r.id", params):
+            yield {"user_id": row["user_id"], "prompt": row["prompt"], "context": json.loads(row["context_json"]),
+                   "completion": row["text"], "label": row["value"] > 0}
+
+    # -- generations ----------------------------------------------------------------------------
+
+    def add_generation(self, lineage: str, number: int, path: str, parent_id: int | None, status: str,
+                       metrics: dict, last_pick_id: int, reason: str = "") -> int:
+        with self.transaction():
+            return self.db["generations"].insert({
+                "lineage": lineage, "number": number, "path": path, "parent_id": parent_id, "status": status,
+                "metrics_json": json.dumps(metrics, sort_keys=True), "created_at": now(),
+                "last_pick_id": last_pick_id, "reason": reason}).last_pk
+
+    def generations(self, lineage: str | None = None) -> list[dict]:
+        sql, params = "SELECT * FROM generations", []
+        if lineage is not None:
+            sql, params = sql + " WHERE lineage = ?", [lineage]
+        return [_with_metrics(row) for row in self.db.query(sql + " ORDER BY lineage, number", params)]
+
+    def generation(self, generation_id: int) -> dict | None:
+        row = self._one("SELECT * FROM generations WHERE id = ?", generation_id)
+        return _with_metrics(row) if row else None
+
+    def serving(self, lineage: str) -> dict | None:
+        """The generation served for `lineage`, or None for the base model."""
+        row = self._one("SELECT generation_id FROM serving WHERE lineage = ?", lineage)
+        return self.generation(row["generation_id"]) if row and row["generation_id"] else None
+
+    def set_serving(self, lineage: str, generation_id: int | None) -> None:
+        with self.transaction():
+            self.db["serving"].upsert({"lineage": lineage, "generation_id": generation_id, "updated_at": now()},
+                                      pk="lineage")
 
     def stats(self) -> dict[str, int]:
         tables = ["users", "conversations", "turns", "candidate_sets", "picks", "reactions", "generations"]
@@ -331,6 +386,11 @@ class Store:
     def _one(self, sql: str, *params: Any) -> dict | None:
         rows = list(self.db.query(sql, list(params)))
         return rows[0] if rows else None
+
+
+def _with_metrics(row: dict) -> dict:
+    row["metrics"] = json.loads(row.pop("metrics_json"))
+    return row
 
 
 class _Transaction:

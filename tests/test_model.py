@@ -52,7 +52,7 @@ def test_adapter_folder_must_be_a_peft_adapter(tiny_model_dir, tmp_path):
         ModelBackend.load(ModelSettings(name=str(tiny_model_dir), adapter=tmp_path))
 
 
-def test_lora_adapter_is_applied_and_named(tiny_model_dir, tmp_path):
+def test_configured_lora_adapter_is_merged_into_the_base(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -61,6 +61,28 @@ def test_lora_adapter_is_applied_and_named(tiny_model_dir, tmp_path):
     lora.save_pretrained(tmp_path / "gen-0001")
     backend = ModelBackend.load(ModelSettings(name=str(tiny_model_dir), dtype="float32",
                                               adapter=tmp_path / "gen-0001"))
+    plain = ModelBackend.load(ModelSettings(name=str(tiny_model_dir), dtype="float32"))
     assert backend.generation == "gen-0001"
-    assert type(backend.model).__name__.startswith("Peft")
+    assert not hasattr(backend.model, "peft_config")  # merged: a plain model again
+    assert backend.completion_logprobs("안녕", [" 하루"]) != plain.completion_logprobs("안녕", [" 하루"])
     assert backend.sample("안녕", 2, SamplingSettings(max_new_tokens=4), stop=[])
+
+
+def test_generation_adapters_are_loaded_beside_the_base(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+                   ).save_pretrained(tmp_path / "a")
+    backend = ModelBackend.load(ModelSettings(name=str(tiny_model_dir), dtype="float32"))
+    before = backend.completion_logprobs("나: 안녕\n하루:", [" 배고파\n"])
+    backend.load_adapter("user/gen-1", tmp_path / "a")
+    backend.load_adapter("user/gen-1", tmp_path / "a")  # idempotent
+    assert backend.has_adapter("user/gen-1") and not backend.has_adapter("other")
+    assert backend.completion_logprobs("나: 안녕\n하루:", [" 배고파\n"]) == before  # base unchanged
+    with_adapter = backend.completion_logprobs("나: 안녕\n하루:", [" 배고파\n"], adapter="user/gen-1")
+    assert with_adapter != before and with_adapter[0][1] == before[0][1]
+    assert len(backend.sample("안녕", 2, SamplingSettings(max_new_tokens=4), stop=[], adapter="user/gen-1")) == 2
+    with pytest.raises(ModelError):
+        ModelBackend.load(ModelSettings(name=str(tiny_model_dir))).sample("x", 1, SamplingSettings(), [], "nope")

@@ -1,0 +1,139 @@
+"""Train one LoRA generation with TRL: DPO on pick pairs, then (with enough thumbs) KTO on thumbs.
+
+    python -m training.rollover --now          # the usual way: dataset, training, gate, promotion
+
+The adapter is always a fresh LoRA over the base model, and the DPO reference is that same base
+(adapters disabled), so every night is measured against one fixed anchor and no drift compounds.
+Variety is protected by a bounded number of passes, a moderate beta, a small SFT term instead of
+cloning the chosen replies, and by the gate afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import TrainerCallback
+
+from bot.config import TrainingSettings
+from bot.model import ModelBackend
+from training.dataset import trim_prompt
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    pairs: int
+    thumbs: int
+    seconds: float
+    metrics: dict
+
+
+class ProgressLog(TrainerCallback):
+    """One log line per logging step: loss and reward margins (the numbers that show learning)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        keys = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "kl", "eval_rewards/margins")
+        shown = ", ".join(f"{k}={logs[k]:.4g}" for k in keys if isinstance(logs.get(k), (int, float)))
+        if shown:
+            logger.info("step %d/%d %s", state.global_step, state.max_steps, shown)
+
+
+def _rows(pairs: list[dict], backend: ModelBackend, cfg: TrainingSettings, max_reply_tokens: int) -> list[dict]:
+    rows = []
+    for pair in pairs:
+        if backend.use_chat_template:
+            rows.append({"prompt": pair["context"], "chosen": [{"role": "assistant", "content": pair["chosen"]}],
+                         "rejected": [{"role": "assistant", "content": pair["rejected"]}]})
+            continue
+        prompt = trim_prompt(pair["prompt"], max_reply_tokens, cfg.max_length, backend.count_tokens)
+        if prompt is None:
+            continue
+        # In a transcript a reply is " text" and ends at the line break.
+        rows.append({"prompt": prompt, "chosen": f" {pair['chosen']}\n", "rejected": f" {pair['rejected']}\n"})
+    return rows
+
+
+def lora_config(cfg: TrainingSettings) -> LoraConfig:
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+
+
+def train_adapter(backend: ModelBackend, train_pairs: list[dict], thumbs: list[dict], cfg: TrainingSettings,
+                  out_dir: Path, max_reply_tokens: int = 64) -> TrainResult:
+    """Train a fresh LoRA adapter on `backend.model` (a plain base model) and save it to `out_dir`."""
+    from trl import DPOConfig, DPOTrainer
+
+    started = time.perf_counter()
+    rows = _rows(train_pairs, backend, cfg, max_reply_tokens)
+    if not rows:
+        raise ValueError("no training pairs fit the length limit")
+    random.Random(cfg.seed).shuffle(rows)
+    bf16 = backend.model.dtype == torch.bfloat16
+    common = dict(output_dir=str(out_dir / "trainer"), per_device_train_batch_size=cfg.batch_size,
+                  gradient_accumulation_steps=cfg.grad_accum, lr_scheduler_type="cosine", warmup_steps=0.1,
+                  save_strategy="no", report_to="none", logging_steps=1, seed=cfg.seed, bf16=bf16,
+                  gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
+                  max_length=cfg.max_length)
+    losses = ["sigmoid", "sft"] if cfg.sft_weight > 0 else ["sigmoid"]
+    weights = [1.0, cfg.sft_weight] if cfg.sft_weight > 0 else [1.0]
+    trainer = DPOTrainer(
+        model=backend.model, processing_class=backend.tokenizer, train_dataset=Dataset.from_list(rows),
+        peft_config=lora_config(cfg), callbacks=[ProgressLog()],
+        args=DPOConfig(beta=cfg.beta, loss_type=losses, loss_weights=weights, learning_rate=cfg.learning_rate,
+                       num_train_epochs=cfg.epochs, precompute_ref_log_probs=False, **common),
+    )
+    output = trainer.train()
+    model = trainer.model
+    metrics = {"dpo_loss": output.training_loss, "dpo_steps": output.global_step}
+    history = [h for h in trainer.state.log_history if "rewards/margins" in h]
+    if history:
+        metrics["train_margin"] = history[-1]["rewards/margins"]
+        metrics["train_accuracy"] = history[-1].get("rewards/accuracies")
+
+    usable_thumbs = _kto_ready(thumbs, cfg)
+    if usable_thumbs:
+        model = _kto_stage(model, backend, usable_thumbs, cfg, common, metrics)
+    model.save_pretrained(out_dir, selected_adapters=["default"])
+    seconds = time.perf_counter() - started
+    metrics["train_seconds"] = round(seconds, 1)
+    metrics["pairs_per_minute"] = round(len(rows) * cfg.epochs / seconds * 60, 1)
+    return TrainResult(out_dir, len(rows), len(usable_thumbs), seconds, metrics)
+
+
+def _kto_ready(thumbs: list[dict], cfg: TrainingSettings) -> list[dict]:
+    good = sum(t["label"] for t in thumbs)
+    bad = len(thumbs) - good
+    return thumbs if len(thumbs) >= cfg.kto_min_thumbs and good >= 10 and bad >= 10 else []
+
+
+def _kto_stage(model, backend: ModelBackend, thumbs: list[dict], cfg: TrainingSettings, common: dict,
+               metrics: dict):
+    """Continue the DPO adapter with KTO on thumbs; the reference is the DPO result (TRL's 'ref' copy)."""
+    from trl import KTOConfig, KTOTrainer
+
+    rows = [{"prompt": t["prompt"], "completion": f" {t['completion']}\n", "label": t["label"]} for t in thumbs]
+    random.Random(cfg.seed).shuffle(rows)  # KTO samples sequentially
+    good = sum(r["label"] for r in rows)
+    undesirable_weight = good / max(1, len(rows) - good)  # keeps n_D*w_D / (n_U*w_U) at 1
+    trainer = KTOTrainer(
+        model=model, processing_class=backend.tokenizer, train_dataset=Dataset.from_list(rows),
+        callbacks=[ProgressLog()],
+        args=KTOConfig(beta=cfg.beta, learning_rate=cfg.learning_rate / 2, num_train_epochs=1,
+                       desirable_weight=1.0, undesirable_weight=undesirable_weight,
+                       **{**common, "per_device_train_batch_size": max(2, cfg.batch_size)}),
+    )
+    output = trainer.train()
+    metrics["kto_loss"] = output.training_loss
+    metrics["kto_rows"] = len(rows)
+    return trainer.model
