@@ -22,8 +22,10 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 from bot.config import Settings
+from bot.lineage import adapter_name, lineage_of
 from bot.model import ModelBackend, Sample
 from bot.prompt import Prompt, Turn, build_prompt, clean_reply, shorten
 from bot.store import Store
@@ -233,7 +235,8 @@ class DialogueEngine:
         if prompt.shortened_last and not notices:
             newest = history[-1].text
             notices.append(Notice("message_shortened", {"length": len(newest), "limit": len(newest)}))
-        texts, raw = await self._sample_distinct(prompt, card)
+        adapter = await self._serving_adapter(user)
+        texts, raw = await self._sample_distinct(prompt, card, adapter)
         wanted = self.settings.sampling.candidates
         if not texts:
             raise EngineError("no_reply")
@@ -242,23 +245,44 @@ class DialogueEngine:
         set_id = self.store.add_candidate_set(
             conversation_id=conversation_id, user_id=user.id, user_turn_id=user_turn_id, persona=card.key,
             prompt=prompt.text, context=prompt.messages, prompt_tokens=prompt.tokens,
-            dropped_turns=prompt.dropped_turns, model=self.backend.name, generation=self.backend.generation,
+            dropped_turns=prompt.dropped_turns, model=self.backend.name, generation=adapter or self.backend.generation,
             sampling=self.settings.sampling.model_dump(),
             candidates=[{"text": t, "new_tokens": raw[t].new_tokens, "hit_stop": raw[t].hit_stop} for t in texts],
         )
         auto = len(texts) == 1
         if auto:
             self.store.record_pick(self.store.candidate_set(set_id), 0, auto=True)
-        return CandidateSet(set_id, texts, notices, auto_picked=auto, generation=self.backend.generation)
+        return CandidateSet(set_id, texts, notices, auto_picked=auto, generation=adapter or self.backend.generation)
 
-    async def _sample_distinct(self, prompt: Prompt, card: PersonaCard) -> tuple[list[str], dict[str, Sample]]:
+    async def _serving_adapter(self, user: UserRef) -> str | None:
+        """The adapter of the generation served to `user` now, loaded if new (None: the base model).
+
+        Read once per request, so a reply is finished on the generation it started with even if a
+        newer one is promoted meanwhile; adapters stay loaded, so nothing in flight loses its weights.
+        """
+        generation = self.store.serving(lineage_of(user.id, self.settings))
+        if generation is None:
+            return None
+        name = adapter_name(generation)
+        if not self.backend.has_adapter(name):
+            load = partial(self.backend.load_adapter, name, Path(generation["path"]))
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._model_thread, load)
+                logger.info("now serving %s", name)
+            except Exception:
+                logger.exception("generation %s cannot be loaded; serving the base model", name)
+                return None
+        return name
+
+    async def _sample_distinct(self, prompt: Prompt, card: PersonaCard, adapter: str | None
+                               ) -> tuple[list[str], dict[str, Sample]]:
         """Sample until there are N distinct non-empty replies (or the rounds run out)."""
         wanted = self.settings.sampling.candidates
         loop = asyncio.get_running_loop()
         kept: dict[str, Sample] = {}
         for _ in range(MAX_SAMPLING_ROUNDS):
             missing = wanted - len(kept)
-            sample = partial(self.backend.sample, prompt.text, missing, self.settings.sampling, prompt.stop)
+            sample = partial(self.backend.sample, prompt.text, missing, self.settings.sampling, prompt.stop, adapter)
             try:
                 samples = await loop.run_in_executor(self._model_thread, sample)
             except Exception:

@@ -11,6 +11,7 @@ Tables (every pick can later be turned into a (context, chosen, rejected) record
     reactions        thumbs up/down on single replies
     generations      trained LoRA generations with their gate metrics (written by the nightly rollover)
     serving          per lineage, the generation being served (no row or NULL: the base model)
+    rollover_runs    when each nightly rollover ran and how it ended
 """
 
 from __future__ import annotations
@@ -128,6 +129,13 @@ MIGRATIONS: list[str] = [
         lineage TEXT PRIMARY KEY,
         generation_id INTEGER REFERENCES generations(id),
         updated_at TEXT NOT NULL
+    );
+    CREATE TABLE rollover_runs (
+        id INTEGER PRIMARY KEY,
+        started_at TEXT NOT NULL,
+        finished_at TEXT,
+        status TEXT NOT NULL,
+        summary TEXT NOT NULL DEFAULT ''
     );
     """,
 ]

@@ -105,6 +105,8 @@ def train_adapter(backend: ModelBackend, train_pairs: list[dict], thumbs: list[d
     if usable_thumbs:
         model = _kto_stage(model, backend, usable_thumbs, cfg, common, metrics)
     model.save_pretrained(out_dir, selected_adapters=["default"])
+    backend.model = model.unload()  # the plain base again, LoRA layers removed
+    backend.model.eval()
     seconds = time.perf_counter() - started
     metrics["train_seconds"] = round(seconds, 1)
     metrics["pairs_per_minute"] = round(len(rows) * cfg.epochs / seconds * 60, 1)

@@ -1,0 +1,225 @@
+"""The nightly rollover: for each lineage with enough new picks, train a generation, gate it, promote it.
+
+    python -m training.rollover                 # every lineage that has enough new picks
+    python -m training.rollover --force         # ignore the minimum of new picks
+    python -m training.rollover --lineage discord:1234
+
+A generation is an immutable folder `<data_dir>/generations/<lineage>/gen-0007/` holding the LoRA
+adapter and `metadata.json` (data range, settings, metrics, parent), plus a row in SQLite. Numbers
+only grow. The folder is written under a temporary name and renamed into place, so a crash never
+leaves a half-written generation visible; the serving pointer changes in one transaction, only
+after a passed gate. Only one rollover runs at a time (a lock file); a second one exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot.config import Settings, load_settings
+from bot.lineage import SHARED, adapter_name
+from bot.model import ModelBackend
+from bot.store import Store, now
+from training.dataset import build_dataset
+from training.gate import GateReport, evaluate
+from training.train import train_adapter
+
+logger = logging.getLogger(__name__)
+
+EXIT_BUSY = 3
+
+
+class RolloverBusy(Exception):
+    """Another rollover holds the lock."""
+
+
+@dataclass
+class Outcome:
+    lineage: str
+    status: str            # promoted | rejected | skipped
+    reason: str = ""
+    number: int | None = None
+    metrics: dict | None = None
+
+
+def lineage_dir(settings: Settings, lineage: str) -> Path:
+    return settings.storage.generations_dir / re.sub(r"[^A-Za-z0-9_-]", "-", lineage)
+
+
+@contextmanager
+def rollover_lock(settings: Settings):
+    settings.storage.generations_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.storage.generations_dir / ".rollover.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RolloverBusy("a rollover is already running") from None
+        yield
+
+
+def lineages(store: Store, settings: Settings) -> dict[str, list[str] | None]:
+    """Lineage -> the users whose picks train it (None: everybody, for the shared lineage)."""
+    if settings.training.lineage == "shared":
+        return {SHARED: None}
+    users = [row["user_id"] for row in store.db.query("SELECT DISTINCT user_id FROM picks WHERE auto = 0")]
+    return {user: [user] for user in users}
+
+
+def next_number(store: Store, settings: Settings, lineage: str) -> int:
+    """Higher than any generation in the database or on disk (a crash can leave a folder without a row)."""
+    numbers = [g["number"] for g in store.generations(lineage)]
+    folder = lineage_dir(settings, lineage)
+    numbers += [int(p.name[4:]) for p in folder.glob("gen-*") if p.name[4:].isdigit()] if folder.exists() else []
+    return max(numbers, default=0) + 1
+
+
+def run_rollover(settings: Settings, only: str | None = None, force: bool = False,
+                 backend: ModelBackend | None = None) -> list[Outcome]:
+    """Train, gate and maybe promote each lineage; the previous generation keeps serving on any failure."""
+    with rollover_lock(settings):
+        store = Store(settings.storage.db_path)
+        run_id = store.db["rollover_runs"].insert({"started_at": now(), "status": "running"}).last_pk
+        outcomes: list[Outcome] = []
+        try:
+            for lineage, users in lineages(store, settings).items():
+                if only is not None and lineage != only:
+                    continue
+                outcome = _skip_reason(store, settings, lineage, users, force)
+                if outcome is None:
+                    backend = backend or ModelBackend.load(settings.model.model_copy(update={"adapter": None}))
+                    outcome = _roll(store, settings, backend, lineage, users)
+                logger.info("%s: %s %s", lineage, outcome.status, outcome.reason)
+                outcomes.append(outcome)
+            status = "finished"
+        except BaseException:
+            status = "failed"
+            raise
+        finally:
+            summary = json.dumps([o.__dict__ for o in outcomes], ensure_ascii=False, default=str)
+            store.db["rollover_runs"].update(run_id, {"finished_at": now(), "status": status, "summary": summary})
+            store.close()
+        return outcomes
+
+
+def _skip_reason(store: Store, settings: Settings, lineage: str, users, force: bool) -> Outcome | None:
+    history = store.generations(lineage)
+    after = max((g["last_pick_id"] for g in history), default=0)
+    new = sum(1 for user in (users or [None]) for _ in store.preference_records(user, after_pick_id=after))
+    if new == 0 or (new < settings.training.min_new_picks and not force):
+        return Outcome(lineage, "skipped", f"{new} new picks (needs {settings.training.min_new_picks})")
+    return None
+
+
+def _roll(store: Store, settings: Settings, backend: ModelBackend, lineage: str, users) -> Outcome:
+    cfg = settings.training
+    data = build_dataset(store, users, cfg.heldout_fraction, cfg.max_rejected_per_pick)
+    if not data.train_pairs or not data.heldout_pairs:
+        return Outcome(lineage, "skipped", f"{data.picks} picks are too few for a training and a held-out part")
+    folder = lineage_dir(settings, lineage)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".partial-*"):  # left by a crash: never visible, safe to remove
+        shutil.rmtree(stale, ignore_errors=True)
+    number = next_number(store, settings, lineage)
+    partial = folder / f".partial-gen-{number:04d}-{os.getpid()}"
+    current = store.serving(lineage)
+
+    result = train_adapter(backend, data.train_pairs, data.thumbs, cfg, partial,
+                           max_reply_tokens=settings.sampling.max_new_tokens)
+    backend.load_adapter("candidate", partial)
+    current_name = None
+    if current is not None:
+        current_name = adapter_name(current)
+        backend.load_adapter(current_name, Path(current["path"]))
+    report: GateReport = evaluate(backend, data.heldout_pairs, "candidate", current_name, settings.gate,
+                                  settings.sampling)
+    backend.model = backend.model.unload()  # back to the plain base for the next lineage
+
+    metrics = {**result.metrics, **report.metrics, "train_pairs": result.pairs, "thumbs": result.thumbs,
+               "picks": data.picks}
+    metadata = {
+        "lineage": lineage, "number": number, "parent": current["number"] if current else None,
+        "created_at": now(), "base_model": settings.model.name, "last_pick_id": data.last_pick_id,
+        "training": cfg.model_dump(), "gate": settings.gate.model_dump(), "passed": report.passed,
+        "reasons": report.reasons, "metrics": metrics,
+    }
+    (partial / "metadata.json").write_text(json.dumps(metadata, ensure_ascii=False, indent=2, default=str))
+    shutil.rmtree(partial / "trainer", ignore_errors=True)
+    final = folder / f"gen-{number:04d}"
+    partial.rename(final)  # atomic: the generation appears whole or not at all
+
+    status = "promoted" if report.passed else "rejected"
+    generation_id = store.add_generation(lineage, number, str(final), current["id"] if current else None, status,
+                                         metrics, data.last_pick_id, "; ".join(report.reasons))
+    if report.passed:
+        store.set_serving(lineage, generation_id)
+    _prune(store, settings, lineage)
+    return Outcome(lineage, status, "; ".join(report.reasons), number, metrics)
+
+
+def _prune(store: Store, settings: Settings, lineage: str) -> None:
+    """Keep the newest generation folders (and always the serving one and its parent)."""
+    serving = store.serving(lineage)
+    keep = {serving["id"], serving["parent_id"]} if serving else set()
+    for generation in store.generations(lineage)[: -settings.training.keep_generations]:
+        if generation["id"] not in keep and Path(generation["path"]).exists():
+            shutil.rmtree(generation["path"], ignore_errors=True)
+
+
+def promote(store: Store, lineage: str, number: int | None) -> dict | None:
+    """Serve generation `number` of `lineage` (None: the base model). Returns the generation row."""
+    if number is None:
+        store.set_serving(lineage, None)
+        return None
+    generation = next((g for g in store.generations(lineage) if g["number"] == number), None)
+    if generation is None:
+        raise ValueError(f"{lineage} has no generation {number}")
+    if not (Path(generation["path"]) / "adapter_config.json").exists():
+        raise ValueError(f"generation {number} of {lineage} has no adapter on disk ({generation['path']})")
+    store.set_serving(lineage, generation["id"])
+    return generation
+
+
+def rollback(store: Store, lineage: str, number: int | None = None) -> dict | None:
+    """Serve `number`, or by default the parent of the serving generation (the base if it has none)."""
+    if number is None:
+        serving = store.serving(lineage)
+        if serving is None:
+            raise ValueError(f"{lineage} already serves the base model")
+        parent = store.generation(serving["parent_id"]) if serving["parent_id"] else None
+        number = parent["number"] if parent else None
+    return promote(store, lineage, number)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train, gate and promote LoRA generations from picks.")
+    parser.add_argument("--config", type=Path)
+    parser.add_argument("--lineage", help="only this lineage (a user id like discord:1234, or 'shared')")
+    parser.add_argument("--force", action="store_true", help="train even with fewer new picks than the minimum")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = json.loads(os.environ.get("BANRYEO_SETTINGS_JSON", "{}"))
+    settings = load_settings(args.config, **overrides)
+    started = time.perf_counter()
+    try:
+        outcomes = run_rollover(settings, args.lineage, args.force)
+    except RolloverBusy as exc:
+        print(f"banryeo: {exc}", file=sys.stderr)
+        return EXIT_BUSY
+    for o in outcomes:
+        print(f"{o.lineage}: {o.status}" + (f" gen-{o.number}" if o.number else "") + (f" ({o.reason})" if o.reason else ""))
+    logger.info("rollover finished in %.0fs", time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
