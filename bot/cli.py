@@ -8,6 +8,14 @@
     banryeo config                    # the effective settings (tokens hidden)
     banryeo stats                     # what the database holds
 
+Learning (admin):
+    banryeo train [--lineage ID] [--force]     # run the nightly rollover now
+    banryeo generations LINEAGE                # generations with their gate metrics
+    banryeo learned LINEAGE                    # the serving generation against its parent
+    banryeo promote LINEAGE N                  # serve generation N ("base" for the base model)
+    banryeo rollback LINEAGE [N]               # back to the parent (or to N)
+    banryeo chart LINEAGE FILE.png             # metrics across generations
+
 Global options: --config FILE (default ./banryeo.toml when present), -v for debug logs.
 """
 
@@ -39,12 +47,25 @@ def build_engine(settings: Settings):
     return DialogueEngine(store, backend, personas, settings)
 
 
-def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
+async def serve_console(engine, settings: Settings) -> None:
+    """The console chat, with the nightly rollover scheduled beside it."""
     from bot.console import ConsoleChat
+    from schedules.nightly import NightlyRollover
 
+    nightly = NightlyRollover(settings, engine.store) if settings.schedule.enabled else None
+    if nightly is not None:
+        nightly.start()
+    try:
+        await ConsoleChat(engine).run()
+    finally:
+        if nightly is not None:
+            nightly.shutdown()
+
+
+def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
     engine = build_engine(settings)
     try:
-        asyncio.run(ConsoleChat(engine).run())
+        asyncio.run(serve_console(engine, settings))
     finally:
         engine.close()
     return 0
@@ -101,6 +122,68 @@ def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin(settings: Settings):
+    from bot.admin import Admin
+    from bot.store import Store
+
+    return Admin(Store(settings.storage.db_path), settings)
+
+
+def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
+    from training.rollover import main as rollover_main
+
+    argv = (["--force"] if args.force else []) + (["--lineage", args.lineage] if args.lineage else [])
+    if args.config:
+        argv += ["--config", str(args.config)]
+    return rollover_main(argv)
+
+
+def cmd_generations(settings: Settings, args: argparse.Namespace) -> int:
+    admin = _admin(settings)
+    serving = admin.store.serving(args.lineage)
+    rows = admin.generations(args.lineage)
+    if not rows:
+        print(f"{args.lineage}: no generations yet (serving the base model)")
+    for g in rows:
+        m = g["metrics"]
+        mark = "*" if serving and serving["id"] == g["id"] else " "
+        print(f"{mark} gen-{g['number']:<4} {g['status']:9} {g['created_at'][:16]}  "
+              f"accuracy {m.get('accuracy', 0):.2f} (base {m.get('accuracy_base', 0):.2f})  "
+              f"distinct-2 {m.get('distinct2', 0):.3f} (base {m.get('distinct2_base', 0):.3f})  "
+              f"KL {m.get('kl_per_token', 0):.3f}" + (f"  - {g['reason']}" if g["reason"] else ""))
+    return 0
+
+
+def cmd_learned(settings: Settings, args: argparse.Namespace) -> int:
+    report = _admin(settings).learned(args.lineage)
+    if report["serving"] == "base":
+        print(f"{args.lineage} serves the base model; nothing learned yet")
+        return 0
+    print(f"{args.lineage}: gen-{report['serving']} against {report['compared_with']}")
+    for key, (before, after) in report["metrics"].items():
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        print(f"  {key:14} {fmt(before):>8} -> {fmt(after)}")
+    for samples in report["examples"]:
+        print("  e.g. " + " | ".join(samples))
+    return 0
+
+
+def cmd_promote(settings: Settings, args: argparse.Namespace) -> int:
+    number = None if args.number == "base" else int(args.number)
+    print(f"{args.lineage} now serves {_admin(settings).promote(args.lineage, number)}")
+    return 0
+
+
+def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
+    print(f"{args.lineage} now serves {_admin(settings).rollback(args.lineage, args.number)}")
+    return 0
+
+
+def cmd_chart(settings: Settings, args: argparse.Namespace) -> int:
+    print(_admin(settings).chart(args.lineage, args.file))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="banryeo", description="Banryeo (반려지능): a companion that learns from your picks")
     parser.add_argument("--config", type=Path, help="TOML config file (default: ./banryeo.toml when present)")
@@ -118,10 +201,32 @@ def make_parser() -> argparse.ArgumentParser:
     model.set_defaults(func=cmd_model)
     sub.add_parser("config", help="print the effective settings").set_defaults(func=cmd_config)
     sub.add_parser("stats", help="print what the database holds").set_defaults(func=cmd_stats)
+    train = sub.add_parser("train", help="run the nightly rollover now")
+    train.add_argument("--lineage")
+    train.add_argument("--force", action="store_true", help="train even with few new picks")
+    train.set_defaults(func=cmd_train)
+    for name, func, text in (("generations", cmd_generations, "list a lineage's generations"),
+                             ("learned", cmd_learned, "what the serving generation learned")):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("lineage", help="a user id such as discord:1234, or 'shared'")
+        command.set_defaults(func=func)
+    promote = sub.add_parser("promote", help="serve a generation")
+    promote.add_argument("lineage")
+    promote.add_argument("number", help="generation number, or 'base'")
+    promote.set_defaults(func=cmd_promote)
+    rollback = sub.add_parser("rollback", help="serve the parent generation (or a named one)")
+    rollback.add_argument("lineage")
+    rollback.add_argument("number", nargs="?", type=int)
+    rollback.set_defaults(func=cmd_rollback)
+    chart = sub.add_parser("chart", help="PNG chart of a lineage's generations")
+    chart.add_argument("lineage")
+    chart.add_argument("file", type=Path)
+    chart.set_defaults(func=cmd_chart)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bot.lineage import GenerationError
     from bot.model import ModelError
     from bot.store import StoreError
     from persona import PersonaError
@@ -140,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
         return args.func(settings, args)
-    except (ConfigError, ModelError, StoreError, PersonaError) as exc:
+    except (ConfigError, ModelError, StoreError, PersonaError, GenerationError) as exc:
         print(f"banryeo: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -16,7 +16,9 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
 EMBEDDED_MODEL = "embedded:gemma3-270m"
@@ -98,8 +100,17 @@ class GateSettings(_Section):
 
 class ScheduleSettings(_Section):
     nightly_time: str = Field("04:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="local time, HH:MM")
-    timezone: str = Field("Asia/Seoul")
+    timezone: str = Field("Asia/Seoul", description="an IANA time zone name")
     enabled: bool = True
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use a name like 'Asia/Seoul' or 'UTC')") from None
+        return value
 
 
 class StorageSettings(_Section):

@@ -11,6 +11,10 @@ from bot.config import Settings
 SHARED = "shared"
 
 
+class GenerationError(ValueError):
+    """An admin asked for a generation that does not exist or cannot be served."""
+
+
 def lineage_of(user_id: str, settings: Settings) -> str:
     return SHARED if settings.training.lineage == "shared" else user_id
 

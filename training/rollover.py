@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bot.config import Settings, load_settings
-from bot.lineage import SHARED, adapter_name
+from bot.lineage import SHARED, GenerationError, adapter_name
 from bot.model import ModelBackend
 from bot.store import Store, now
 from training.dataset import build_dataset
@@ -182,9 +182,9 @@ def promote(store: Store, lineage: str, number: int | None) -> dict | None:
         return None
     generation = next((g for g in store.generations(lineage) if g["number"] == number), None)
     if generation is None:
-        raise ValueError(f"{lineage} has no generation {number}")
+        raise GenerationError(f"{lineage} has no generation {number}")
     if not (Path(generation["path"]) / "adapter_config.json").exists():
-        raise ValueError(f"generation {number} of {lineage} has no adapter on disk ({generation['path']})")
+        raise GenerationError(f"generation {number} of {lineage} has no adapter on disk ({generation['path']})")
     store.set_serving(lineage, generation["id"])
     return generation
 
@@ -194,7 +194,7 @@ def rollback(store: Store, lineage: str, number: int | None = None) -> dict | No
     if number is None:
         serving = store.serving(lineage)
         if serving is None:
-            raise ValueError(f"{lineage} already serves the base model")
+            raise GenerationError(f"{lineage} already serves the base model")
         parent = store.generation(serving["parent_id"]) if serving["parent_id"] else None
         number = parent["number"] if parent else None
     return promote(store, lineage, number)

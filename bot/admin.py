@@ -1,0 +1,86 @@
+"""Admin operations, shared by every platform's admin commands and the CLI.
+
+    admin = Admin(store, settings)
+    admin.is_admin("discord:1234")
+    admin.status() / admin.generations(lineage) / admin.learned(lineage) / admin.stats()
+    admin.promote(lineage, 3) / admin.rollback(lineage) / await admin.train_now()
+
+Platforms check `is_admin` before calling anything else here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bot.config import Settings
+from bot.store import Store
+
+COMPARED = ("accuracy", "accuracy_base", "distinct2", "self_bleu", "length", "kl_per_token")
+
+
+class Admin:
+    def __init__(self, store: Store, settings: Settings, nightly=None):
+        self.store = store
+        self.settings = settings
+        self.nightly = nightly  # a schedules.nightly.NightlyRollover, for train_now
+
+    def is_admin(self, user_id: str) -> bool:
+        return user_id in self.settings.admins
+
+    def status(self) -> dict:
+        last = self.store._one("SELECT * FROM rollover_runs ORDER BY id DESC LIMIT 1")
+        serving = {row["lineage"]: row["generation_id"] for row in self.store.db.query("SELECT * FROM serving")}
+        next_run = None
+        if self.nightly is not None and self.nightly.scheduler.running:
+            job = self.nightly.scheduler.get_job("nightly-rollover")
+            next_run = job.next_run_time.isoformat() if job and job.next_run_time else None
+        return {"model": self.settings.model.name, "lineage_mode": self.settings.training.lineage,
+                "serving": {lineage: self._label(gid) for lineage, gid in serving.items()},
+                "last_rollover": last, "next_rollover": next_run, **self.store.stats()}
+
+    def generations(self, lineage: str) -> list[dict]:
+        return self.store.generations(lineage)
+
+    def learned(self, lineage: str) -> dict:
+        """The serving generation's metrics next to its parent's (or the base's, measured the same night)."""
+        serving = self.store.serving(lineage)
+        if serving is None:
+            return {"lineage": lineage, "serving": "base"}
+        parent = self.store.generation(serving["parent_id"]) if serving["parent_id"] else None
+        rows = {}
+        for key in COMPARED:
+            before = parent["metrics"].get(key) if parent else serving["metrics"].get(f"{key}_base")
+            rows[key] = (before, serving["metrics"].get(key))
+        return {"lineage": lineage, "serving": serving["number"], "compared_with": parent["number"] if parent else "base",
+                "metrics": rows, "examples": serving["metrics"].get("examples", [])}
+
+    def promote(self, lineage: str, number: int | None) -> str:
+        from training.rollover import promote
+
+        generation = promote(self.store, lineage, number)
+        return self._label(generation["id"] if generation else None)
+
+    def rollback(self, lineage: str, number: int | None = None) -> str:
+        from training.rollover import rollback
+
+        generation = rollback(self.store, lineage, number)
+        return self._label(generation["id"] if generation else None)
+
+    async def train_now(self, lineage: str | None = None) -> tuple[int, str]:
+        if self.nightly is None:
+            raise RuntimeError("no scheduler is running")
+        return await self.nightly.run_once(force=True, lineage=lineage)
+
+    def chart(self, lineage: str, path: Path) -> Path:
+        from training.chart import plot_generations
+
+        return plot_generations(self.store.generations(lineage), lineage, path)
+
+    def stats(self) -> dict:
+        return self.store.stats()
+
+    def _label(self, generation_id: int | None) -> str:
+        if generation_id is None:
+            return "base"
+        g = self.store.generation(generation_id)
+        return f"gen-{g['number']}"
