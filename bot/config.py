@@ -78,7 +78,8 @@ class TrainingSettings(_Section):
     grad_accum: int = Field(2, ge=1)
     max_length: int = Field(1152, ge=64, description="prompt + reply tokens; older turns are trimmed first")
     max_rejected_per_pick: int = Field(2, ge=1)
-    kto_min_thumbs: int = Field(30, ge=2, description="thumbs (with 10 of each kind) needed for a KTO stage")
+    precompute_ref: bool = Field(False, description="compute the base model's log-probs once before training")
+    kto_min_thumbs: int = Field(30, ge=2, description="thumbs (a third of them of each kind) for a KTO stage")
     seed: int = 42
     keep_generations: int = Field(7, ge=1, description="generation folders kept per lineage")
 

@@ -87,15 +87,19 @@ def train_adapter(backend: ModelBackend, train_pairs: list[dict], thumbs: list[d
                   max_length=cfg.max_length)
     losses = ["sigmoid", "sft"] if cfg.sft_weight > 0 else ["sigmoid"]
     weights = [1.0, cfg.sft_weight] if cfg.sft_weight > 0 else [1.0]
+    reference_started = time.perf_counter()
     trainer = DPOTrainer(
         model=backend.model, processing_class=backend.tokenizer, train_dataset=Dataset.from_list(rows),
         peft_config=lora_config(cfg), callbacks=[ProgressLog()],
         args=DPOConfig(beta=cfg.beta, loss_type=losses, loss_weights=weights, learning_rate=cfg.learning_rate,
-                       num_train_epochs=cfg.epochs, precompute_ref_log_probs=False, **common),
+                       num_train_epochs=cfg.epochs, precompute_ref_log_probs=cfg.precompute_ref, **common),
     )
+    reference_seconds = time.perf_counter() - reference_started  # with precompute_ref: the reference pass
     output = trainer.train()
     model = trainer.model
     metrics = {"dpo_loss": output.training_loss, "dpo_steps": output.global_step}
+    if cfg.precompute_ref:
+        metrics["reference_seconds"] = round(reference_seconds, 1)
     history = [h for h in trainer.state.log_history if "rewards/margins" in h]
     if history:
         metrics["train_margin"] = history[-1]["rewards/margins"]
@@ -114,9 +118,10 @@ def train_adapter(backend: ModelBackend, train_pairs: list[dict], thumbs: list[d
 
 
 def _kto_ready(thumbs: list[dict], cfg: TrainingSettings) -> list[dict]:
+    """Thumbs are used when there are enough of them, and of each kind (a third of the minimum each)."""
     good = sum(t["label"] for t in thumbs)
-    bad = len(thumbs) - good
-    return thumbs if len(thumbs) >= cfg.kto_min_thumbs and good >= 10 and bad >= 10 else []
+    each = max(1, cfg.kto_min_thumbs // 3)
+    return thumbs if len(thumbs) >= cfg.kto_min_thumbs and good >= each and len(thumbs) - good >= each else []
 
 
 def _kto_stage(model, backend: ModelBackend, thumbs: list[dict], cfg: TrainingSettings, common: dict,
