@@ -76,8 +76,9 @@ def settings(tmp_path, tiny_model_dir, monkeypatch) -> Settings:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def tiny_backend(tiny_model_dir):
+    """A fresh backend per test: loaded adapters never leak from one test's generations to another's."""
     from bot.config import ModelSettings
     from bot.model import ModelBackend
 

@@ -62,6 +62,27 @@ async def test_a_passed_gate_promotes_and_the_engine_serves_it_without_restart(e
     assert again.status == "skipped" and "new picks" in again.reason
 
 
+async def test_a_reply_in_flight_finishes_on_the_generation_it_started_with(engine, settings):
+    configure(settings, LENIENT)
+    await make_picks(engine)
+    run_rollover(settings)
+    await make_picks(engine)
+    run_rollover(settings)
+    rollback(engine.store, ALICE.id, 1)
+    assert (await engine.on_message(ALICE, "1세대")).generation == f"{ALICE.id}/gen-1"
+    engine.backend.lock.acquire()  # the model is busy; the next reply waits with its generation chosen
+    try:
+        in_flight = asyncio.create_task(engine.on_message(ALICE, "도중에"))
+        await asyncio.sleep(0.2)
+        rollback(engine.store, ALICE.id, 2)  # promoted while that reply waits
+    finally:
+        engine.backend.lock.release()
+    assert (await in_flight).generation == f"{ALICE.id}/gen-1"
+    assert (await engine.on_message(ALICE, "다음")).generation == f"{ALICE.id}/gen-2"
+    statuses = [s["status"] for s in engine.store.db.query("SELECT status FROM candidate_sets ORDER BY rowid")]
+    assert statuses[-3:] == ["skipped", "skipped", "open"]  # each message answered once
+
+
 async def test_a_failed_gate_keeps_the_serving_generation_and_records_why(engine, settings):
     configure(settings, LENIENT)
     await make_picks(engine)
