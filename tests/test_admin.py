@@ -5,20 +5,14 @@ import pytest
 from bot.admin import Admin
 from bot.cli import main
 from bot.engine import UserRef
-from tests.test_rollover import LENIENT, STRICT, configure, make_picks
-from training.rollover import run_rollover
+from tests.test_rollover import LENIENT, STRICT, nights
 
 ALICE = UserRef("test", "alice")
 
 
 @pytest.fixture
 async def two_generations(engine, settings):
-    configure(settings, LENIENT)
-    await make_picks(engine)
-    run_rollover(settings)
-    configure(settings, STRICT)
-    await make_picks(engine)
-    run_rollover(settings)
+    await nights(engine, settings, LENIENT, STRICT)
     return Admin(engine.store, settings)
 
 

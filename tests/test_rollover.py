@@ -32,6 +32,16 @@ def configure(settings, gate):
     return settings
 
 
+async def nights(engine, settings, *gates):
+    """One night per gate setting, each after a few new picks; returns the outcomes."""
+    outcomes = []
+    for gate in gates:
+        configure(settings, gate)
+        await make_picks(engine)
+        outcomes += run_rollover(settings)
+    return outcomes
+
+
 async def make_picks(engine, user=ALICE, count=6):
     for i in range(count):
         offer = await engine.on_message(user, f"오늘 뭐 먹지? {i}")
@@ -63,11 +73,7 @@ async def test_a_passed_gate_promotes_and_the_engine_serves_it_without_restart(e
 
 
 async def test_a_reply_in_flight_finishes_on_the_generation_it_started_with(engine, settings):
-    configure(settings, LENIENT)
-    await make_picks(engine)
-    run_rollover(settings)
-    await make_picks(engine)
-    run_rollover(settings)
+    await nights(engine, settings, LENIENT, LENIENT)
     rollback(engine.store, ALICE.id, 1)
     assert (await engine.on_message(ALICE, "1세대")).generation == f"{ALICE.id}/gen-1"
     engine.backend.lock.acquire()  # the model is busy; the next reply waits with its generation chosen
@@ -84,12 +90,7 @@ async def test_a_reply_in_flight_finishes_on_the_generation_it_started_with(engi
 
 
 async def test_a_failed_gate_keeps_the_serving_generation_and_records_why(engine, settings):
-    configure(settings, LENIENT)
-    await make_picks(engine)
-    run_rollover(settings)
-    configure(settings, STRICT)
-    await make_picks(engine)
-    [outcome] = run_rollover(settings)
+    _, outcome = await nights(engine, settings, LENIENT, STRICT)
     assert outcome.status == "rejected" and "does not beat the base" in outcome.reason
     rows = engine.store.generations(ALICE.id)
     assert [(g["number"], g["status"]) for g in rows] == [(1, "promoted"), (2, "rejected")]
@@ -100,11 +101,7 @@ async def test_a_failed_gate_keeps_the_serving_generation_and_records_why(engine
 
 
 async def test_rollback_and_promote_by_number(engine, settings):
-    configure(settings, LENIENT)
-    await make_picks(engine)
-    run_rollover(settings)
-    await make_picks(engine)
-    run_rollover(settings)
+    await nights(engine, settings, LENIENT, LENIENT)
     store = engine.store
     assert store.serving(ALICE.id)["number"] == 2
     assert rollback(store, ALICE.id)["number"] == 1         # default: the parent
