@@ -1,8 +1,8 @@
 """Training throughput on CPU at the embedded model's size: DPO pairs per minute, and the share of a
 training epoch spent in the reference (base model) pass.
 
-    python bench/training.py               # 32 scripted pairs, 1 epoch
-    python bench/training.py --pairs 64 --epochs 2
+    python bench/train_throughput.py               # 32 scripted pairs, 1 epoch
+    python bench/train_throughput.py --pairs 64 --epochs 2
 
 The reference pass is measured by having TRL precompute the reference log-probs once (timed on its
 own), then training with them; the same pairs are then trained with the reference computed inside
