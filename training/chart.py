@@ -29,11 +29,12 @@ def plot_generations(generations: list[dict], lineage: str, path: Path) -> Path:
     bottom.plot(numbers, ratio, "o-", label="distinct-2 / base")
     bottom.plot(numbers, [x.get("kl_per_token", 0) for x in m], "^-", label="KL from base (nats/token)")
     bottom.set_xlabel("generation")
+    bottom.set_xticks(numbers)
     bottom.legend(loc="upper left")
     for axis in (top, bottom):
         for g, x in zip(generations, numbers):
             if g["status"] != "promoted":
-                axis.axvline(x, color="red", alpha=0.15)
+                axis.axvspan(x - 0.4, x + 0.4, color="red", alpha=0.12)
     fig.suptitle(f"{lineage}: generations (red bands: not promoted)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
