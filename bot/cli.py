@@ -1,6 +1,6 @@
 """The `banryeo` command.
 
-    banryeo run                       # every configured platform; none configured: the console chat
+    banryeo run                       # every configured platform (DISCORD_TOKEN); none: the console chat
     banryeo chat                      # the console chat
     banryeo persona list              # built-in and imported personas
     banryeo persona import card.png   # a SillyTavern character card (PNG or JSON)
@@ -47,16 +47,29 @@ def build_engine(settings: Settings):
     return DialogueEngine(store, backend, personas, settings)
 
 
-async def serve_console(engine, settings: Settings) -> None:
-    """The console chat, with the nightly rollover scheduled beside it."""
+async def serve(engine, settings: Settings, console: bool) -> None:
+    """Every configured platform (or the console chat), with the nightly rollover scheduled beside."""
+    from bot.admin import Admin
     from bot.console import ConsoleChat
     from schedules.nightly import NightlyRollover
 
     nightly = NightlyRollover(settings, engine.store) if settings.schedule.enabled else None
     if nightly is not None:
         nightly.start()
+    admin = Admin(engine.store, settings, nightly)
+    platforms = []
+    if settings.discord_token is not None and not console:
+        from bot.discord_bot import create_discord_bot
+
+        discord_bot = create_discord_bot(engine, admin, settings)
+        platforms.append(discord_bot.start(settings.discord_token.get_secret_value()))
+    if settings.telegram_token is not None and not console:
+        logger.warning("a Telegram token is set, but this build has no Telegram adapter yet")
     try:
-        await ConsoleChat(engine).run()
+        if platforms:
+            await asyncio.gather(*platforms)
+        else:
+            await ConsoleChat(engine).run()
     finally:
         if nightly is not None:
             nightly.shutdown()
@@ -65,18 +78,13 @@ async def serve_console(engine, settings: Settings) -> None:
 def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
     engine = build_engine(settings)
     try:
-        asyncio.run(serve_console(engine, settings))
+        asyncio.run(serve(engine, settings, console=args.command == "chat"))
     finally:
         engine.close()
     return 0
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    configured = [name for name, token in (("Discord", settings.discord_token), ("Telegram", settings.telegram_token))
-                  if token is not None]
-    if configured:
-        logger.warning("%s token(s) found, but this build has no %s adapter yet; starting the console chat",
-                       " and ".join(configured), "/".join(configured))
     return cmd_chat(settings, args)
 
 

@@ -114,6 +114,13 @@ class ScheduleSettings(_Section):
         return value
 
 
+class DiscordSettings(_Section):
+    pick_with: Literal["reactions", "buttons", "both"] = Field("reactions", description="how users pick in DMs")
+    answer_in_guilds: bool = Field(False, description="answer in server channels when mentioned")
+    api_base: str | None = Field(None, description="REST base URL; only for a local test server")
+    gateway_url: str | None = Field(None, description="gateway URL; only for a local test server")
+
+
 class StorageSettings(_Section):
     data_dir: Path = Field(Path("~/.local/share/banryeo"), description="database, imported personas, adapters")
 
@@ -140,6 +147,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     gate: GateSettings = GateSettings()
     schedule: ScheduleSettings = ScheduleSettings()
+    discord: DiscordSettings = DiscordSettings()
     admins: list[str] = Field(default_factory=list, description="admin ids as 'platform:id', e.g. 'discord:1234'")
     discord_token: SecretStr | None = Field(None, validation_alias=AliasChoices("DISCORD_TOKEN", "BANRYEO_DISCORD_TOKEN"))
     telegram_token: SecretStr | None = Field(None, validation_alias=AliasChoices("TELEGRAM_TOKEN", "BANRYEO_TELEGRAM_TOKEN"))

@@ -97,6 +97,22 @@ MESSAGES: dict[str, dict[str, str]] = {
         "ko": "답장을 만드는 중에 문제가 생겼어. 잠시 후에 다시 해 줘. 보낸 메시지는 저장돼 있어.",
         "en": "Something went wrong while writing replies. Please try again shortly; your message is saved.",
     },
+    "text_only": {
+        "ko": "아직은 글자로 된 메시지만 읽을 수 있어. 하고 싶은 말을 적어 줘!",
+        "en": "I can only read text for now. Tell me in words!",
+    },
+    "admin_only": {
+        "ko": "관리자만 쓸 수 있는 명령이야.",
+        "en": "Only admins can use that command.",
+    },
+    "picked": {
+        "ko": "({number}번을 골랐어)",
+        "en": "(you picked {number})",
+    },
+    "training_started": {
+        "ko": "지금 학습을 시작할게. 끝나면 결과를 알려 줄게.",
+        "en": "Training now; I'll report when it is done.",
+    },
     "goodbye": {
         "ko": "또 와! 기다릴게 ㅎㅎ",
         "en": "See you soon!",

@@ -12,6 +12,7 @@ Tables (every pick can later be turned into a (context, chosen, rejected) record
     generations      trained LoRA generations with their gate metrics (written by the nightly rollover)
     serving          per lineage, the generation being served (no row or NULL: the base model)
     rollover_runs    when each nightly rollover ran and how it ended
+    platform_messages  the chat-platform message that shows a candidate set
 """
 
 from __future__ import annotations
@@ -136,6 +137,15 @@ MIGRATIONS: list[str] = [
         finished_at TEXT,
         status TEXT NOT NULL,
         summary TEXT NOT NULL DEFAULT ''
+    );
+    """,
+    # 3: which platform message shows which candidate set (reactions and buttons name the message)
+    """
+    CREATE TABLE platform_messages (
+        platform TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        set_id TEXT NOT NULL REFERENCES candidate_sets(id),
+        PRIMARY KEY (platform, message_id)
     );
     """,
 ]
@@ -308,6 +318,16 @@ class Store:
             if updated != 1:
                 raise sqlite3.IntegrityError(f"candidate set {set_row['id']} is no longer open")
         return turn_id
+
+    def link_message(self, platform: str, message_id: str, set_id: str) -> None:
+        with self.transaction():
+            self.db["platform_messages"].insert({"platform": platform, "message_id": message_id, "set_id": set_id},
+                                                replace=True)
+
+    def set_for_message(self, platform: str, message_id: str) -> str | None:
+        row = self._one("SELECT set_id FROM platform_messages WHERE platform = ? AND message_id = ?",
+                        platform, message_id)
+        return row["set_id"] if row else None
 
     # -- reactions ------------------------------------------------------------------------------
 

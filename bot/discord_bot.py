@@ -1,0 +1,275 @@
+"""Discord: chat in DMs, pick replies with reactions (or buttons), slash commands.
+
+Intents: the defaults, which include DM messages and DM reactions. The privileged message-content
+intent is not needed: Discord sends the content of DMs (and of messages that mention the bot).
+
+    bot = create_discord_bot(engine, admin, settings)
+    await bot.start(token)
+
+A DM gets a typing indicator while candidates are sampled, then one message with the numbered
+candidates and reactions 1️⃣…N plus 🔄 (regenerate), or buttons (`discord.pick_with`). A pick edits
+the message down to the chosen reply. A new message without a pick skips the offer: its candidates
+stay visible but can no longer be picked (the engine answers such late picks with a clear notice).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import discord
+import yarl
+from discord import app_commands
+
+from bot.admin import Admin
+from bot.config import Settings
+from bot.engine import CandidateSet, DialogueEngine, EngineError, UserRef
+from bot.messages import render
+
+logger = logging.getLogger(__name__)
+
+PICK_EMOJIS = ("1️⃣", "2️⃣", "3️⃣", "4️⃣", "5️⃣")
+REGENERATE = "🔄"
+MESSAGE_LIMIT = 2000
+PLATFORM = "discord"
+
+
+def user_ref(author: discord.abc.User) -> UserRef:
+    return UserRef(PLATFORM, str(author.id), getattr(author, "global_name", None) or author.name)
+
+
+def fit(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def offer_text(offer: CandidateSet, language: str, notices: list[str]) -> str:
+    """Numbered candidates in one message; each candidate is shortened so the whole fits Discord's limit."""
+    head = "\n".join(notices)
+    room = (MESSAGE_LIMIT - len(head) - 200) // max(len(offer.texts), 1)
+    lines = [f"{PICK_EMOJIS[i]} {fit(text, room)}" for i, text in enumerate(offer.texts)]
+    footer = render("choose", language, count=len(offer.texts))
+    return fit("\n".join(part for part in (head, "\n".join(lines), footer) if part))
+
+
+class PickButton(discord.ui.DynamicItem[discord.ui.Button], template=r"banryeo:pick:(?P<set_id>[0-9a-f]+):(?P<index>\d+)"):
+    """A button that picks candidate `index` of set `set_id`; its custom_id survives restarts."""
+
+    def __init__(self, set_id: str, index: int):
+        super().__init__(discord.ui.Button(label=str(index + 1), style=discord.ButtonStyle.primary,
+                                           custom_id=f"banryeo:pick:{set_id}:{index}"))
+        self.set_id = set_id
+        self.index = index
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match):
+        return cls(match["set_id"], int(match["index"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        bot: CompanionBot = interaction.client  # type: ignore[assignment]
+        await interaction.response.defer()
+        await bot.pick(user_ref(interaction.user), self.set_id, self.index, interaction.channel_id,
+                       interaction.message.id if interaction.message else None)
+
+
+class CompanionBot(discord.Client):
+    user: discord.ClientUser
+
+    def __init__(self, engine: DialogueEngine, admin: Admin, settings: Settings, **options):
+        super().__init__(intents=discord.Intents.default(), **options)
+        self.engine = engine
+        self.admin = admin
+        self.settings = settings
+        self.tree = app_commands.CommandTree(self)
+
+    async def setup_hook(self) -> None:
+        self.add_dynamic_items(PickButton)
+        add_commands(self.tree)
+        await self.tree.sync()
+
+    # -- chat ---------------------------------------------------------------------------------------
+
+    async def on_message(self, message: discord.Message) -> None:
+        if message.author.bot:
+            return  # ourselves (Discord echoes our messages) and other bots
+        if not isinstance(message.channel, discord.DMChannel):  # a server channel
+            if not (self.settings.discord.answer_in_guilds and self.user in message.mentions):
+                return
+        user = user_ref(message.author)
+        language = self.engine.language_of(user)
+        text = message.content.replace(f"<@{self.user.id}>", "").strip()
+        if not text and (message.attachments or message.stickers or message.embeds):
+            await message.channel.send(render("text_only", language))
+            return
+        try:
+            async with message.channel.typing():
+                offer = await self.engine.on_message(user, text)
+        except EngineError as exc:
+            await message.channel.send(render(exc.key, language, **exc.params))
+            return
+        await self.send_offer(message.channel, user, offer)
+
+    async def send_offer(self, channel: discord.abc.Messageable, user: UserRef, offer: CandidateSet) -> None:
+        language = self.engine.language_of(user)
+        card = self.engine.persona_of(user)
+        if offer.opening:
+            await channel.send(fit(f"{card.name}: {offer.opening}"))
+        notices = [render(n.key, language, **n.params) for n in offer.notices]
+        if offer.auto_picked:
+            await channel.send(fit("\n".join([*notices, f"{card.name}: {offer.texts[0]}"])))
+            return
+        mode = self.settings.discord.pick_with
+        view = None
+        if mode in ("buttons", "both"):
+            view = discord.ui.View(timeout=None)
+            for index in range(len(offer.texts)):
+                view.add_item(PickButton(offer.id, index))
+        sent = await channel.send(offer_text(offer, language, notices), view=view)
+        self.engine.store.link_message(PLATFORM, str(sent.id), offer.id)
+        if mode in ("reactions", "both"):
+            for emoji in [*PICK_EMOJIS[: len(offer.texts)], REGENERATE]:
+                await sent.add_reaction(emoji)
+
+    async def on_error(self, event_method: str, /, *args, **kwargs) -> None:
+        # A user who blocked the bot (403), or Discord failing for a moment: the engine has already stored
+        # the message and its candidates, so nothing is lost; log it and keep serving everyone else.
+        logger.exception("Discord event %s failed", event_method)
+
+    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+        if payload.user_id == self.user.id or payload.guild_id is not None:
+            return  # our own reactions come back as events too
+        set_id = self.engine.store.set_for_message(PLATFORM, str(payload.message_id))
+        emoji = str(payload.emoji)
+        if set_id is None or (emoji not in PICK_EMOJIS and emoji != REGENERATE):
+            return  # not a candidate message, or an unrelated emoji
+        user = UserRef(PLATFORM, str(payload.user_id))
+        if emoji == REGENERATE:
+            await self.regenerate(user, payload.channel_id)
+        else:
+            await self.pick(user, set_id, PICK_EMOJIS.index(emoji), payload.channel_id, payload.message_id)
+
+    async def pick(self, user: UserRef, set_id: str, index: int, channel_id: int, message_id: int | None) -> None:
+        channel = self.get_partial_messageable(channel_id)
+        language = self.engine.language_of(user)
+        try:
+            picked = await self.engine.on_pick(user, set_id, index)
+        except EngineError as exc:
+            await channel.send(render(exc.key, language, **exc.params))
+            return
+        if picked.already or message_id is None:
+            return
+        card = self.engine.persona_of(user)
+        text = fit(f"{card.name}: {picked.text}\n-# {render('picked', language, number=index + 1)}")
+        await channel.get_partial_message(message_id).edit(content=text, view=None)
+
+    async def regenerate(self, user: UserRef, channel_id: int) -> None:
+        channel = self.get_partial_messageable(channel_id)
+        try:
+            async with channel.typing():
+                offer = await self.engine.regenerate(user)
+        except EngineError as exc:
+            await channel.send(render(exc.key, self.engine.language_of(user), **exc.params))
+            return
+        await self.send_offer(channel, user, offer)
+
+
+def add_commands(tree: app_commands.CommandTree) -> None:
+    """User commands (help, reset, persona) and admin commands (status, train, rollback, stats)."""
+
+    def engine_of(interaction: discord.Interaction) -> tuple[CompanionBot, UserRef, str]:
+        bot: CompanionBot = interaction.client  # type: ignore[assignment]
+        user = user_ref(interaction.user)
+        return bot, user, bot.engine.language_of(user)
+
+    async def refuse_non_admin(interaction: discord.Interaction) -> bool:
+        bot, user, language = engine_of(interaction)
+        if bot.admin.is_admin(user.id):  # checked here: Discord's permission hints are not enforced for DMs
+            return False
+        await interaction.response.send_message(render("admin_only", language), ephemeral=True)
+        return True
+
+    @tree.command(name="help", description="How to talk with your companion / 도움말")
+    async def help_command(interaction: discord.Interaction) -> None:
+        _, _, language = engine_of(interaction)
+        await interaction.response.send_message(render("help", language), ephemeral=True)
+
+    @tree.command(name="reset", description="Start a new conversation / 새 대화")
+    async def reset_command(interaction: discord.Interaction) -> None:
+        bot, user, language = engine_of(interaction)
+        opening = await bot.engine.reset(user)
+        await interaction.response.send_message(fit(f"{render('reset_done', language)}\n{opening.persona}: "
+                                                    f"{opening.greeting}"))
+
+    @tree.command(name="persona", description="List or switch personas / 페르소나")
+    @app_commands.describe(name="persona key, e.g. haru or sam")
+    async def persona_command(interaction: discord.Interaction, name: str | None = None) -> None:
+        bot, user, language = engine_of(interaction)
+        if not name:
+            current = bot.engine.persona_of(user).key
+            await interaction.response.send_message(render("persona_list", language, current=current,
+                                                           personas=", ".join(bot.engine.personas.keys())))
+            return
+        try:
+            opening = await bot.engine.set_persona(user, name)
+        except EngineError as exc:
+            await interaction.response.send_message(render(exc.key, language, **exc.params), ephemeral=True)
+            return
+        language = bot.engine.language_of(user)
+        await interaction.response.send_message(fit(f"{render('persona_changed', language, name=opening.persona)}"
+                                                    f"\n{opening.persona}: {opening.greeting}"))
+
+    @tree.command(name="status", description="Admin: generations and schedule")
+    async def status_command(interaction: discord.Interaction) -> None:
+        if await refuse_non_admin(interaction):
+            return
+        bot, _, _ = engine_of(interaction)
+        status = bot.admin.status()
+        lines = [f"model: {status['model']} ({status['lineage_mode']})",
+                 f"serving: {status['serving'] or 'base'}",
+                 f"last rollover: {(status['last_rollover'] or {}).get('status', '-')}",
+                 f"picks {status['picks']}, users {status['users']}, generations {status['generations']}"]
+        await interaction.response.send_message(fit("\n".join(lines)), ephemeral=True)
+
+    @tree.command(name="train", description="Admin: run the nightly training now")
+    async def train_command(interaction: discord.Interaction) -> None:
+        if await refuse_non_admin(interaction):
+            return
+        bot, _, language = engine_of(interaction)
+        await interaction.response.send_message(render("training_started", language), ephemeral=True)
+        code, output = await bot.admin.train_now()
+        await interaction.followup.send(fit(f"exit {code}\n{output[-1500:]}"), ephemeral=True)
+
+    @tree.command(name="rollback", description="Admin: serve the previous generation")
+    @app_commands.describe(lineage="a user id such as discord:1234, or shared", number="generation number")
+    async def rollback_command(interaction: discord.Interaction, lineage: str, number: int | None = None) -> None:
+        if await refuse_non_admin(interaction):
+            return
+        bot, _, _ = engine_of(interaction)
+        try:
+            now_serving = bot.admin.rollback(lineage, number)
+        except ValueError as exc:
+            await interaction.response.send_message(str(exc), ephemeral=True)
+            return
+        await interaction.response.send_message(f"{lineage} -> {now_serving}", ephemeral=True)
+
+    @tree.command(name="stats", description="Admin: counts and the metrics chart")
+    @app_commands.describe(lineage="a user id such as discord:1234, or shared")
+    async def stats_command(interaction: discord.Interaction, lineage: str | None = None) -> None:
+        if await refuse_non_admin(interaction):
+            return
+        bot, _, _ = engine_of(interaction)
+        text = "\n".join(f"{k}: {v}" for k, v in bot.admin.stats().items())
+        if lineage and bot.admin.generations(lineage):
+            path = bot.settings.storage.data_dir.expanduser() / "charts" / "chart.png"
+            bot.admin.chart(lineage, path)
+            await interaction.response.send_message(text, file=discord.File(path), ephemeral=True)
+        else:
+            await interaction.response.send_message(text, ephemeral=True)
+
+
+def create_discord_bot(engine: DialogueEngine, admin: Admin, settings: Settings, **options) -> CompanionBot:
+    """An unstarted bot; `discord.api_base`/`gateway_url` point it at a local test server."""
+    if settings.discord.api_base:
+        discord.http.Route.BASE = settings.discord.api_base
+    if settings.discord.gateway_url:
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord.gateway_url)
+    return CompanionBot(engine, admin, settings, **options)

@@ -1,0 +1,209 @@
+"""The real discord.py client against a local fake Discord (REST v10 + gateway on 127.0.0.1)."""
+
+import asyncio
+
+import discord
+import pytest
+import yarl
+
+from bot.admin import Admin
+from bot.discord_bot import PICK_EMOJIS, REGENERATE, create_discord_bot
+from tests.fake_discord import BOT_USER, FakeDiscord, user
+
+ALICE = user(42, "alice")
+MALLORY = user(66, "mallory")
+ADMIN = user(7, "admin")
+
+
+@pytest.fixture
+async def discord_env(engine, settings):
+    original = (discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
+    fake = FakeDiscord()
+    await fake.start()
+    settings.discord.api_base = fake.api_base
+    settings.discord.gateway_url = fake.gateway_url
+    settings.admins = ["discord:7"]
+    bot = create_discord_bot(engine, Admin(engine.store, settings), settings, guild_ready_timeout=0)
+    fake.bot = bot
+    await bot.login(fake.token)
+    task = asyncio.create_task(bot.connect(reconnect=False))
+    await asyncio.wait_for(bot.wait_until_ready(), 30)
+    yield fake, bot
+    await bot.close()
+    await asyncio.wait_for(task, 30)
+    await fake.stop()
+    discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = original
+
+
+async def send_and_get_offer(fake, author=ALICE, text="안녕! 오늘 피곤했어"):
+    start = len(fake.calls)
+    await fake.dm(author, text)
+    typing_at, _ = await fake.wait_for("POST", "/typing", after=start)
+    at, body = await fake.wait_for("POST", "/channels/500/messages", after=start)
+    while "1️⃣" not in body["content"]:  # the greeting comes first on a new conversation
+        at, body = await fake.wait_for("POST", "/channels/500/messages", after=at + 1)
+    assert typing_at < at
+    message_id = next(mid for mid, m in fake.messages.items() if m["content"] == body["content"])
+    for _ in range(100):  # the bot links the message to its candidate set once Discord answered the post
+        if bot_store(fake).set_for_message("discord", message_id):
+            break
+        await asyncio.sleep(0.05)
+    return message_id, body
+
+
+def bot_store(fake):
+    return fake.bot.engine.store
+
+
+async def test_dm_offer_reaction_pick_and_edit(discord_env, engine):
+    fake, bot = discord_env
+    assert fake.identify["intents"] & (1 << 12) and fake.identify["intents"] & (1 << 13)  # DM messages, reactions
+    assert {c["name"] for c in fake.commands} >= {"help", "reset", "persona", "status", "train", "rollback", "stats"}
+    message_id, body = await send_and_get_offer(fake)
+    assert body["content"].count("\n") >= 3 and "번호를 골라 줘" in body["content"]
+    count = body["content"].count("️⃣")
+    for emoji in [*PICK_EMOJIS[:count], REGENERATE]:
+        await fake.wait_for("PUT", f"/reactions/{emoji}/@me")
+    await asyncio.sleep(0.3)  # our own echoed reactions arrive and must be ignored
+    assert engine.store.stats()["picks"] == 0
+
+    set_id = engine.store.set_for_message("discord", message_id)
+    before = len(fake.calls)
+    await fake.react(ALICE["id"], message_id, "2️⃣")
+    _, edit = await fake.wait_for("PATCH", f"/messages/{message_id}", after=before)
+    offer = engine.store.candidate_set(set_id)
+    assert edit["content"].startswith(f"하루: {offer['candidates'][1]['text']}") and "2번을 골랐어" in edit["content"]
+    assert engine.store.pick_of(set_id)["idx"] == 1
+
+    await fake.react(ALICE["id"], message_id, "2️⃣")  # a double pick: nothing new
+    await fake.react(MALLORY["id"], message_id, "1️⃣")  # someone else's reaction on Alice's offer
+    _, notice = await fake.wait_for("POST", "/channels/500/messages", after=len(fake.calls))
+    assert "찾을 수 없어" in notice["content"]
+    assert engine.store.stats()["picks"] == 1 and fake.count("PATCH", f"/messages/{message_id}") == 1
+
+
+async def test_old_offers_regenerate_and_text_free_messages(discord_env, engine):
+    fake, bot = discord_env
+    old_id, _ = await send_and_get_offer(fake)
+    new_id, _ = await send_and_get_offer(fake, text="아니다, 배고파")
+    at = len(fake.calls)
+    await fake.react(ALICE["id"], old_id, "1️⃣")
+    _, notice = await fake.wait_for("POST", "/channels/500/messages", after=at)
+    assert "지난 거라" in notice["content"]
+
+    at = len(fake.calls)
+    await fake.react(ALICE["id"], new_id, REGENERATE)
+    await fake.wait_for("POST", "/typing", after=at)
+    _, regenerated = await fake.wait_for("POST", "/channels/500/messages", after=at)
+    assert "1️⃣" in regenerated["content"]
+    assert engine.store.candidate_set(engine.store.set_for_message("discord", new_id))["status"] == "regenerated"
+
+    at = len(fake.calls)
+    await fake.dm(ALICE, "", attachments=[{"id": "9", "filename": "cat.png", "size": 10, "url": "http://x/cat.png",
+                                           "proxy_url": "http://x/cat.png"}])
+    _, reply = await fake.wait_for("POST", "/channels/500/messages", after=at)
+    assert "글자로 된 메시지만" in reply["content"]
+
+
+async def test_buttons_pick_through_interactions(discord_env, engine, settings):
+    fake, bot = discord_env
+    settings.discord.pick_with = "buttons"
+    message_id, body = await send_and_get_offer(fake)
+    custom_ids = [c["custom_id"] for row in body["components"] for c in row["components"]]
+    set_id = engine.store.set_for_message("discord", message_id)
+    assert custom_ids[0] == f"banryeo:pick:{set_id}:0"
+    assert fake.count("PUT", "/reactions/") == 0
+    at = len(fake.calls)
+    await fake.click(ALICE, message_id, custom_ids[-1])
+    _, ack = await fake.wait_for("POST", "/callback", after=at)
+    assert ack["type"] == 6  # deferred update: the click is acknowledged
+    _, edit = await fake.wait_for("PATCH", f"/messages/{message_id}", after=at)
+    assert edit["components"] == [] and engine.store.pick_of(set_id)["idx"] == len(custom_ids) - 1
+
+
+async def test_admin_commands_only_for_admins(discord_env, engine):
+    fake, bot = discord_env
+    at = len(fake.calls)
+    await fake.slash(MALLORY, "status")
+    _, refused = await fake.wait_for("POST", "/callback", after=at)
+    assert refused["data"]["flags"] & 64 and "관리자만" in refused["data"]["content"]
+    at = len(fake.calls)
+    await fake.slash(ADMIN, "status")
+    _, status = await fake.wait_for("POST", "/callback", after=at)
+    assert "serving" in status["data"]["content"]
+    at = len(fake.calls)
+    await fake.slash(MALLORY, "rollback", [{"name": "lineage", "type": 3, "value": "discord:42"}])
+    _, refused = await fake.wait_for("POST", "/callback", after=at)
+    assert "관리자만" in refused["data"]["content"]
+
+
+async def test_user_commands_and_guilds(discord_env, engine):
+    fake, bot = discord_env
+    at = len(fake.calls)
+    await fake.slash(ALICE, "persona", [{"name": "name", "type": 3, "value": "sam"}])
+    _, switched = await fake.wait_for("POST", "/callback", after=at)
+    assert "Switched to Sam" in switched["data"]["content"]
+    at = len(fake.calls)
+    await fake.slash(ALICE, "help")
+    _, helped = await fake.wait_for("POST", "/callback", after=at)
+    assert "/regen" in helped["data"]["content"]
+    at = len(fake.calls)
+    await fake.dispatch("MESSAGE_CREATE", {**(await _guild_message()), "guild_id": "900"})
+    await asyncio.sleep(0.5)
+    assert fake.count("POST", "/channels/600/messages") == 0
+
+
+async def test_rate_limits_are_waited_out(discord_env, engine):
+    fake, bot = discord_env
+    fake.rate_limit_next["/channels/500/messages"] = 1
+    message_id, body = await send_and_get_offer(fake)
+    assert "1️⃣" in body["content"]
+
+
+async def _guild_message():
+    return {"id": "3000", "channel_id": "600", "type": 0, "content": "hello bot", "author": ALICE,
+            "timestamp": "2026-11-24T12:00:00+00:00", "edited_timestamp": None, "tts": False,
+            "mention_everyone": False, "mentions": [], "mention_roles": [], "attachments": [], "embeds": [],
+            "pinned": False, "flags": 0, "components": []}
+
+
+async def test_a_user_who_blocked_the_bot_loses_nothing_and_others_go_on(discord_env, engine):
+    fake, bot = discord_env
+    fake.blocked_channels.add("501")
+    at = len(fake.calls)
+    await fake.dm(MALLORY, "안녕?", channel="501")
+    await fake.wait_for("POST", "/channels/501/messages", after=at)
+    await asyncio.sleep(0.2)
+    turns = engine.store.db.execute("SELECT count(*) FROM turns WHERE user_id = 'discord:66' AND role = 'user'")
+    assert turns.fetchone()[0] == 1  # the message and its candidates are stored even though Discord refused
+    message_id, body = await send_and_get_offer(fake)  # the bot still serves everyone else
+    assert "1️⃣" in body["content"]
+
+
+
+async def test_banryeo_run_starts_discord_when_a_token_is_set(tmp_path, tiny_model_dir):
+    import os
+    import sys
+    from pathlib import Path
+
+    fake = FakeDiscord(token="run-token")
+    await fake.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BANRYEO_") and k != "TELEGRAM_TOKEN"}
+    env.update({"DISCORD_TOKEN": "run-token", "BANRYEO_DISCORD__API_BASE": fake.api_base,
+                "BANRYEO_DISCORD__GATEWAY_URL": fake.gateway_url, "BANRYEO_MODEL__NAME": str(tiny_model_dir),
+                "BANRYEO_MODEL__DTYPE": "float32", "BANRYEO_SAMPLING__MAX_NEW_TOKENS": "8",
+                "BANRYEO_STORAGE__DATA_DIR": str(tmp_path / "data"),
+                "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", "run", cwd=tmp_path, env=env,
+                                                   stdin=asyncio.subprocess.DEVNULL,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        await asyncio.wait_for(fake.ready.wait(), 120)
+        at = len(fake.calls)
+        await fake.dm(ALICE, "안녕")
+        _, body = await fake.wait_for("POST", "/channels/500/messages", after=at, timeout=120)
+        assert body["content"].startswith("하루:")  # the greeting, then the candidates
+    finally:
+        process.terminate()
+        await process.wait()
+        await fake.stop()
