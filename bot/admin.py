@@ -35,6 +35,7 @@ class Admin:
             job = self.nightly.scheduler.get_job("nightly-rollover")
             next_run = job.next_run_time.isoformat() if job and job.next_run_time else None
         return {"model": self.settings.model.name, "lineage_mode": self.settings.training.lineage,
+                "learning_paused": self.learning_paused(),
                 "serving": {lineage: self._label(gid) for lineage, gid in serving.items()},
                 "last_rollover": last, "next_rollover": next_run, **self.store.stats()}
 
@@ -75,6 +76,13 @@ class Admin:
         from training.chart import plot_generations
 
         return plot_generations(self.store.generations(lineage), lineage, path)
+
+    def pause_learning(self, paused: bool) -> None:
+        """While paused, nightly and manual rollovers train nothing; chatting and picks go on."""
+        self.store.set_flag("learning_paused", "1" if paused else None)
+
+    def learning_paused(self) -> bool:
+        return self.store.flag("learning_paused") is not None
 
     def stats(self) -> dict:
         return self.store.stats()

@@ -14,6 +14,8 @@ stay visible but can no longer be picked (the engine answers such late picks wit
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import re
 
@@ -69,6 +71,33 @@ class PickButton(discord.ui.DynamicItem[discord.ui.Button], template=r"banryeo:p
         await interaction.response.defer()
         await bot.pick(user_ref(interaction.user), self.set_id, self.index, interaction.channel_id,
                        interaction.message.id if interaction.message else None)
+
+
+class ConfirmForget(discord.ui.View):
+    """Two buttons; only the user who asked can answer. `confirmed` is None until one is pressed."""
+
+    def __init__(self, owner_id: int, language: str):
+        super().__init__(timeout=120)
+        self.owner_id = owner_id
+        self.language = language
+        self.confirmed: bool | None = None
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        return interaction.user.id == self.owner_id
+
+    @discord.ui.button(label="Delete / 삭제", style=discord.ButtonStyle.danger)
+    async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        self.confirmed = True
+        bot: CompanionBot = interaction.client  # type: ignore[assignment]
+        await bot.engine.forget(user_ref(interaction.user))
+        await interaction.response.edit_message(content=render("forget_done", self.language), view=None)
+        self.stop()
+
+    @discord.ui.button(label="Cancel / 취소", style=discord.ButtonStyle.secondary)
+    async def cancel(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        self.confirmed = False
+        await interaction.response.edit_message(content=render("forget_cancelled", self.language), view=None)
+        self.stop()
 
 
 class CompanionBot(discord.Client):
@@ -173,7 +202,8 @@ class CompanionBot(discord.Client):
 
 
 def add_commands(tree: app_commands.CommandTree) -> None:
-    """User commands (help, reset, persona) and admin commands (status, train, rollback, stats)."""
+    """User commands (start, help, reset, persona, forget, export) and admin commands (status, train,
+    rollback, stats, pause, resume)."""
 
     def engine_of(interaction: discord.Interaction) -> tuple[CompanionBot, UserRef, str]:
         bot: CompanionBot = interaction.client  # type: ignore[assignment]
@@ -217,6 +247,42 @@ def add_commands(tree: app_commands.CommandTree) -> None:
         await interaction.response.send_message(fit(f"{render('persona_changed', language, name=opening.persona)}"
                                                     f"\n{opening.persona}: {opening.greeting}"))
 
+    @tree.command(name="start", description="Say hello / 시작")
+    async def start_command(interaction: discord.Interaction) -> None:
+        bot, user, language = engine_of(interaction)
+        opening = await bot.engine.open(user)
+        text = f"{opening.persona}: {opening.greeting}" if opening.greeting else render("help", language)
+        await interaction.response.send_message(fit(text))
+
+    @tree.command(name="forget", description="Delete all my data / 내 데이터 지우기")
+    async def forget_command(interaction: discord.Interaction) -> None:
+        _, _, language = engine_of(interaction)
+        await interaction.response.send_message(render("forget_confirm", language),
+                                                view=ConfirmForget(interaction.user.id, language), ephemeral=True)
+
+    @tree.command(name="export", description="My data as a JSON file / 내 데이터 받기")
+    async def export_command(interaction: discord.Interaction) -> None:
+        bot, user, language = engine_of(interaction)
+        data = json.dumps(await bot.engine.export(user), ensure_ascii=False, indent=2).encode()
+        await interaction.response.send_message(render("export_ready", language), ephemeral=True,
+                                                file=discord.File(io.BytesIO(data), filename="banryeo-export.json"))
+
+    @tree.command(name="pause", description="Admin: pause learning")
+    async def pause_command(interaction: discord.Interaction) -> None:
+        if await refuse_non_admin(interaction):
+            return
+        bot, _, language = engine_of(interaction)
+        bot.admin.pause_learning(True)
+        await interaction.response.send_message(render("learning_paused", language), ephemeral=True)
+
+    @tree.command(name="resume", description="Admin: resume learning")
+    async def resume_command(interaction: discord.Interaction) -> None:
+        if await refuse_non_admin(interaction):
+            return
+        bot, _, language = engine_of(interaction)
+        bot.admin.pause_learning(False)
+        await interaction.response.send_message(render("learning_resumed", language), ephemeral=True)
+
     @tree.command(name="status", description="Admin: generations and schedule")
     async def status_command(interaction: discord.Interaction) -> None:
         if await refuse_non_admin(interaction):
@@ -225,6 +291,7 @@ def add_commands(tree: app_commands.CommandTree) -> None:
         status = bot.admin.status()
         lines = [f"model: {status['model']} ({status['lineage_mode']})",
                  f"serving: {status['serving'] or 'base'}",
+                 f"learning paused: {status['learning_paused']}",
                  f"last rollover: {(status['last_rollover'] or {}).get('status', '-')}",
                  f"picks {status['picks']}, users {status['users']}, generations {status['generations']}"]
         await interaction.response.send_message(fit("\n".join(lines)), ephemeral=True)

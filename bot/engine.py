@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import shutil
 import sqlite3
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -210,6 +211,22 @@ class DialogueEngine:
             self.store.update_user(user.id, persona=card.key)
             _, greeting = self._start_conversation(user)
             return Opening(greeting, card.name)
+
+    # -- the user's own data ---------------------------------------------------------------------
+
+    async def export(self, user: UserRef) -> dict:
+        """Everything stored about `user`, as JSON-ready data."""
+        async with self._user_locks[user.id]:
+            return self.store.export_user(user.id)
+
+    async def forget(self, user: UserRef) -> None:
+        """Delete the user's conversations, picks and reactions, and their own generations (adapters)."""
+        async with self._user_locks[user.id]:
+            self.store.forget_user(user.id)
+            lineage = lineage_of(user.id, self.settings)
+            if lineage == user.id:  # a shared lineage is not theirs alone; their picks are gone from it anyway
+                for path in self.store.forget_lineage(lineage):
+                    shutil.rmtree(path, ignore_errors=True)
 
     # -- internals ------------------------------------------------------------------------------
 

@@ -113,6 +113,30 @@ MESSAGES: dict[str, dict[str, str]] = {
         "ko": "지금 학습을 시작할게. 끝나면 결과를 알려 줄게.",
         "en": "Training now; I'll report when it is done.",
     },
+    "forget_confirm": {
+        "ko": "정말 우리 대화, 네가 고른 답장, 너만의 학습 결과를 모두 지울까? 되돌릴 수 없어.",
+        "en": "Really delete our conversations, your picks and what I learned from you? This cannot be undone.",
+    },
+    "forget_done": {
+        "ko": "다 지웠어. 다음에 말을 걸면 처음부터 시작할게.",
+        "en": "Everything is deleted. Talk to me again and we start fresh.",
+    },
+    "forget_cancelled": {
+        "ko": "지우지 않았어. 그대로 있어!",
+        "en": "Nothing was deleted.",
+    },
+    "export_ready": {
+        "ko": "네 데이터를 JSON 파일로 담았어.",
+        "en": "Here is your data as a JSON file.",
+    },
+    "learning_paused": {
+        "ko": "학습을 멈췄어. 대화와 선택은 계속 저장돼.",
+        "en": "Learning is paused. Chats and picks are still stored.",
+    },
+    "learning_resumed": {
+        "ko": "학습을 다시 시작했어.",
+        "en": "Learning is back on.",
+    },
     "goodbye": {
         "ko": "또 와! 기다릴게 ㅎㅎ",
         "en": "See you soon!",

@@ -148,6 +148,13 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (platform, message_id)
     );
     """,
+    # 4: switches an admin can flip at run time (e.g. learning paused)
+    """
+    CREATE TABLE flags (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
 ]
 
 CLOSED_STATUSES = ("picked", "skipped", "regenerated", "reset")
@@ -328,6 +335,69 @@ class Store:
         row = self._one("SELECT set_id FROM platform_messages WHERE platform = ? AND message_id = ?",
                         platform, message_id)
         return row["set_id"] if row else None
+
+    # -- flags ------------------------------------------------------------------------------------
+
+    def flag(self, name: str) -> str | None:
+        row = self._one("SELECT value FROM flags WHERE name = ?", name)
+        return row["value"] if row else None
+
+    def set_flag(self, name: str, value: str | None) -> None:
+        with self.transaction():
+            if value is None:
+                self.db.execute("DELETE FROM flags WHERE name = ?", [name])
+            else:
+                self.db["flags"].upsert({"name": name, "value": value}, pk="name")
+
+    # -- a user's own data ----------------------------------------------------------------------
+
+    def export_user(self, user_id: str) -> dict:
+        """Everything stored about one user (format: README, 'Your data')."""
+        user = self.user(user_id)
+        if user is None:
+            return {"format": "banryeo-export-1", "user": None, "conversations": []}
+        conversations = []
+        for conversation in self.db.query("SELECT * FROM conversations WHERE user_id = ? ORDER BY id", [user_id]):
+            sets = []
+            for row in self.db.query("SELECT id FROM candidate_sets WHERE conversation_id = ? ORDER BY created_at",
+                                     [conversation["id"]]):
+                offer = self.candidate_set(row["id"])
+                pick = self.pick_of(row["id"])
+                sets.append({"id": offer["id"], "created_at": offer["created_at"], "status": offer["status"],
+                             "generation": offer["generation"], "candidates": [c["text"] for c in offer["candidates"]],
+                             "picked": pick["idx"] if pick else None})
+            turns = [{"role": t["role"], "text": t["text"], "source": t["source"], "at": t["created_at"]}
+                     for t in self.turns(conversation["id"])]
+            conversations.append({"id": conversation["id"], "persona": conversation["persona"],
+                                  "started_at": conversation["started_at"], "ended_at": conversation["ended_at"],
+                                  "turns": turns, "candidate_sets": sets})
+        reactions = list(self.db.query("SELECT turn_id, value, emoji, created_at FROM reactions WHERE user_id = ?",
+                                       [user_id]))
+        return {"format": "banryeo-export-1", "user": user, "conversations": conversations, "reactions": reactions}
+
+    def forget_user(self, user_id: str) -> None:
+        """Delete every row of one user, in one transaction."""
+        sets = "SELECT id FROM candidate_sets WHERE user_id = ?"
+        with self.transaction():
+            for sql in (f"DELETE FROM platform_messages WHERE set_id IN ({sets})",
+                        "DELETE FROM picks WHERE user_id = ?",
+                        "DELETE FROM reactions WHERE user_id = ?",
+                        "UPDATE turns SET candidate_set_id = NULL, candidate_id = NULL WHERE user_id = ?",
+                        f"DELETE FROM candidates WHERE set_id IN ({sets})",
+                        "DELETE FROM candidate_sets WHERE user_id = ?",
+                        "DELETE FROM turns WHERE user_id = ?",
+                        "DELETE FROM conversations WHERE user_id = ?",
+                        "DELETE FROM users WHERE id = ?"):
+                self.db.execute(sql, [user_id])
+
+    def forget_lineage(self, lineage: str) -> list[str]:
+        """Delete a lineage's generation rows and serving pointer; returns their folders to remove."""
+        paths = [g["path"] for g in self.generations(lineage)]
+        with self.transaction():
+            self.db.execute("DELETE FROM serving WHERE lineage = ?", [lineage])
+            self.db.execute("UPDATE generations SET parent_id = NULL WHERE lineage = ?", [lineage])
+            self.db.execute("DELETE FROM generations WHERE lineage = ?", [lineage])
+        return paths
 
     # -- reactions ------------------------------------------------------------------------------
 

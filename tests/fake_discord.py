@@ -216,6 +216,7 @@ class FakeDiscord:
     async def _interaction_callback(self, request) -> web.Response:
         body = request.body if isinstance(request.body, dict) else {}
         message = self._message("500", body.get("data") or {})
+        self.messages[message["id"]] = message  # the response message, so its buttons can be clicked
         flags = (body.get("data") or {}).get("flags", 0)
         return self._json({"interaction": {"id": request.match_info["id"], "type": 2,
                                            "response_message_id": message["id"], "response_message_loading": False,

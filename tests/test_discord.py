@@ -207,3 +207,36 @@ async def test_banryeo_run_starts_discord_when_a_token_is_set(tmp_path, tiny_mod
         process.terminate()
         await process.wait()
         await fake.stop()
+
+
+async def test_export_forget_with_confirmation_and_pause(discord_env, engine):
+    fake, bot = discord_env
+    await send_and_get_offer(fake)
+    at = len(fake.calls)
+    await fake.slash(ALICE, "export")
+    _, exported = await fake.wait_for("POST", "/callback", after=at)
+    assert isinstance(exported, bytes) and b"banryeo-export-1" in exported and b'"discord:42"' in exported
+
+    at = len(fake.calls)
+    await fake.slash(ALICE, "forget")
+    _, asked = await fake.wait_for("POST", "/callback", after=at)
+    assert "되돌릴 수 없어" in asked["data"]["content"]
+    buttons = [c["custom_id"] for row in asked["data"]["components"] for c in row["components"]]
+    confirm = next(m for m in fake.messages.values() if m["content"] == asked["data"]["content"])
+    at = len(fake.calls)
+    await fake.click(MALLORY, confirm["id"], buttons[0])  # not hers to confirm
+    await asyncio.sleep(0.3)
+    assert engine.store.user("discord:42") is not None
+    await fake.click(ALICE, confirm["id"], buttons[0])
+    _, done = await fake.wait_for("POST", "/callback", after=at)
+    assert done["type"] == 7 and "다 지웠어" in done["data"]["content"]
+    assert engine.store.user("discord:42") is None and engine.store.stats()["candidate_sets"] == 0
+
+    at = len(fake.calls)
+    await fake.slash(MALLORY, "pause")
+    _, refused = await fake.wait_for("POST", "/callback", after=at)
+    assert "관리자만" in refused["data"]["content"] and engine.store.flag("learning_paused") is None
+    at = len(fake.calls)
+    await fake.slash(ADMIN, "pause")
+    await fake.wait_for("POST", "/callback", after=at)
+    assert engine.store.flag("learning_paused") == "1"

@@ -185,3 +185,27 @@ def _env(settings, overrides=None):
     env["BANRYEO_SETTINGS_JSON"] = json.dumps(data)
     env["PYTHONPATH"] = str(ROOT)
     return env
+
+
+async def test_paused_learning_trains_nothing_and_forget_removes_the_users_generations(engine, settings):
+    from bot.admin import Admin
+
+    await nights(engine, settings, LENIENT)
+    admin = Admin(engine.store, settings)
+    admin.pause_learning(True)
+    await make_picks(engine)
+    [outcome] = run_rollover(settings)
+    assert outcome.status == "skipped" and outcome.reason == "learning is paused"
+    admin.pause_learning(False)
+    assert not admin.learning_paused()
+
+    folder = Path(engine.store.serving(ALICE.id)["path"])
+    assert folder.exists()
+    exported = await engine.export(ALICE)
+    assert exported["user"]["id"] == ALICE.id and exported["conversations"][0]["candidate_sets"]
+    await engine.forget(ALICE)
+    assert not folder.exists() and engine.store.serving(ALICE.id) is None
+    assert engine.store.generations(ALICE.id) == [] and list(engine.store.preference_records(ALICE.id)) == []
+    assert (await engine.export(ALICE))["user"] is None
+    [after] = run_rollover(settings) or [None]  # nothing of Alice's is left to train on
+    assert after is None or after.status == "skipped"

@@ -91,10 +91,12 @@ def run_rollover(settings: Settings, only: str | None = None, force: bool = Fals
         run_id = store.db["rollover_runs"].insert({"started_at": now(), "status": "running"}).last_pk
         outcomes: list[Outcome] = []
         try:
+            paused = store.flag("learning_paused")
             for lineage, users in lineages(store, settings).items():
                 if only is not None and lineage != only:
                     continue
-                outcome = _skip_reason(store, settings, lineage, users, force)
+                outcome = Outcome(lineage, "skipped", "learning is paused") if paused else \
+                    _skip_reason(store, settings, lineage, users, force)
                 if outcome is None:
                     backend = backend or ModelBackend.load(settings.model.model_copy(update={"adapter": None}))
                     outcome = _roll(store, settings, backend, lineage, users)
