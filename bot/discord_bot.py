@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 PICK_EMOJIS = ("1️⃣", "2️⃣", "3️⃣", "4️⃣", "5️⃣")
 REGENERATE = "🔄"
+THUMBS = {"👍": 1, "👎": -1}
 MESSAGE_LIMIT = 2000
 PLATFORM = "discord"
 
@@ -49,7 +50,7 @@ def offer_text(offer: CandidateSet, language: str, notices: list[str]) -> str:
     head = "\n".join(notices)
     room = (MESSAGE_LIMIT - len(head) - 200) // max(len(offer.texts), 1)
     lines = [f"{PICK_EMOJIS[i]} {fit(text, room)}" for i, text in enumerate(offer.texts)]
-    footer = render("choose", language, count=len(offer.texts))
+    footer = render("choose_chat", language, count=len(offer.texts))
     return fit("\n".join(part for part in (head, "\n".join(lines), footer) if part))
 
 
@@ -83,7 +84,10 @@ class ConfirmForget(discord.ui.View):
         self.confirmed: bool | None = None
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        return interaction.user.id == self.owner_id
+        if interaction.user.id == self.owner_id:
+            return True
+        await interaction.response.send_message(render("not_yours", self.language), ephemeral=True)
+        return False
 
     @discord.ui.button(label="Delete / 삭제", style=discord.ButtonStyle.danger)
     async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
@@ -143,8 +147,9 @@ class CompanionBot(discord.Client):
         if offer.opening:
             await channel.send(fit(f"{card.name}: {offer.opening}"))
         notices = [render(n.key, language, **n.params) for n in offer.notices]
-        if offer.auto_picked:
-            await channel.send(fit("\n".join([*notices, f"{card.name}: {offer.texts[0]}"])))
+        if offer.auto_picked:  # one distinct reply: nothing to choose, but it can still get 👍/👎
+            sent = await channel.send(fit("\n".join([*notices, f"{card.name}: {offer.texts[0]}"])))
+            self.engine.store.link_message(PLATFORM, str(sent.id), offer.id)
             return
         mode = self.settings.discord.pick_with
         view = None
@@ -168,13 +173,23 @@ class CompanionBot(discord.Client):
             return  # our own reactions come back as events too
         set_id = self.engine.store.set_for_message(PLATFORM, str(payload.message_id))
         emoji = str(payload.emoji)
-        if set_id is None or (emoji not in PICK_EMOJIS and emoji != REGENERATE):
+        if set_id is None or (emoji not in PICK_EMOJIS and emoji != REGENERATE and emoji not in THUMBS):
             return  # not a candidate message, or an unrelated emoji
         user = UserRef(PLATFORM, str(payload.user_id))
-        if emoji == REGENERATE:
+        if emoji in THUMBS:
+            await self.engine.on_thumb(user, set_id, THUMBS[emoji])  # the reaction itself is the confirmation
+        elif emoji == REGENERATE:
             await self.regenerate(user, payload.channel_id)
         else:
             await self.pick(user, set_id, PICK_EMOJIS.index(emoji), payload.channel_id, payload.message_id)
+
+    async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
+        emoji = str(payload.emoji)
+        if payload.user_id == self.user.id or payload.guild_id is not None or emoji not in THUMBS:
+            return
+        set_id = self.engine.store.set_for_message(PLATFORM, str(payload.message_id))
+        if set_id is not None:
+            await self.engine.on_thumb(UserRef(PLATFORM, str(payload.user_id)), set_id, 0)
 
     async def pick(self, user: UserRef, set_id: str, index: int, channel_id: int, message_id: int | None) -> None:
         channel = self.get_partial_messageable(channel_id)
@@ -187,7 +202,7 @@ class CompanionBot(discord.Client):
         if picked.already or message_id is None:
             return
         card = self.engine.persona_of(user)
-        text = fit(f"{card.name}: {picked.text}\n-# {render('picked', language, number=index + 1)}")
+        text = fit(f"{card.name}: {picked.text}\n-# {render('picked', language, number=index + 1)} · 👍 👎")
         await channel.get_partial_message(message_id).edit(content=text, view=None)
 
     async def regenerate(self, user: UserRef, channel_id: int) -> None:
@@ -220,7 +235,7 @@ def add_commands(tree: app_commands.CommandTree) -> None:
     @tree.command(name="help", description="How to talk with your companion / 도움말")
     async def help_command(interaction: discord.Interaction) -> None:
         _, _, language = engine_of(interaction)
-        await interaction.response.send_message(render("help", language), ephemeral=True)
+        await interaction.response.send_message(render("help_chat", language), ephemeral=True)
 
     @tree.command(name="reset", description="Start a new conversation / 새 대화")
     async def reset_command(interaction: discord.Interaction) -> None:
@@ -251,7 +266,7 @@ def add_commands(tree: app_commands.CommandTree) -> None:
     async def start_command(interaction: discord.Interaction) -> None:
         bot, user, language = engine_of(interaction)
         opening = await bot.engine.open(user)
-        text = f"{opening.persona}: {opening.greeting}" if opening.greeting else render("help", language)
+        text = f"{opening.persona}: {opening.greeting}" if opening.greeting else render("help_chat", language)
         await interaction.response.send_message(fit(text))
 
     @tree.command(name="forget", description="Delete all my data / 내 데이터 지우기")

@@ -4,6 +4,7 @@
     opening = await engine.open(user)                   # greeting when a conversation starts
     offer = await engine.on_message(user, "배고파")     # -> CandidateSet with N numbered replies
     picked = await engine.on_pick(user, offer.id, 1)    # 0-based index; the pick continues the chat
+    await engine.on_thumb(user, offer.id, +1)           # thumbs up/down on the picked reply
     offer = await engine.regenerate(user)               # new candidates for the same message
     opening = await engine.reset(user)                  # new conversation
 
@@ -192,6 +193,23 @@ class DialogueEngine:
             except sqlite3.IntegrityError:  # picked in the meantime by another process
                 return self._repeated_pick(self.store.candidate_set(set_id), index)
             return Picked(set_id, index, offer["candidates"][index]["text"])
+
+    async def on_thumb(self, user: UserRef, set_id: str, value: int) -> bool:
+        """Thumbs up (+1), down (-1) or cleared (0) on the reply picked from set `set_id`.
+
+        Returns False when there is no picked reply of this user to rate (an open or someone else's set).
+        Thumbs are unpaired feedback for the KTO stage of the nightly training.
+        """
+        async with self._user_locks[user.id]:
+            offer = self.store.candidate_set(set_id)
+            pick = self.store.pick_of(set_id) if offer is not None and offer["user_id"] == user.id else None
+            if pick is None:
+                return False
+            if value:
+                self.store.set_reaction(user.id, pick["turn_id"], 1 if value > 0 else -1, "👍" if value > 0 else "👎")
+            else:
+                self.store.clear_reaction(user.id, pick["turn_id"])
+            return True
 
     async def reset(self, user: UserRef) -> Opening:
         """End the conversation (it stays stored) and start a new one."""

@@ -28,6 +28,48 @@ MESSAGES: dict[str, dict[str, str]] = {
               "  /help       this help\n"
               "  /quit       leave",
     },
+    "help_chat": {
+        "ko": "말을 걸면 답장 후보가 번호와 함께 나와. 마음에 드는 걸 고르면 그 답장으로 대화가 이어지고, "
+              "네가 고른 답장으로 나는 매일 밤 조금씩 배워.\n"
+              "  1️⃣ 2️⃣ 3️⃣   후보 고르기 (번호 버튼이나 반응)\n"
+              "  🔄          후보 다시 뽑기\n"
+              "  👍 👎       고른 답장 평가하기\n"
+              "  /start      인사하기\n"
+              "  /persona    페르소나 목록, 이름을 붙이면 바꾸기\n"
+              "  /reset      새 대화 시작 (지난 대화는 저장돼)\n"
+              "  /export     내 데이터 JSON 파일로 받기\n"
+              "  /forget     내 데이터 모두 지우기\n"
+              "  /help       이 도움말\n"
+              "후보를 고르지 않고 새 메시지를 보내면 그 후보들은 넘어가고 새 메시지에 답해.",
+        "en": "Talk to me and I offer numbered reply candidates. Pick the one you like and the conversation goes "
+              "on with it; every night I learn a little from your picks.\n"
+              "  1️⃣ 2️⃣ 3️⃣   pick a candidate (number buttons or reactions)\n"
+              "  🔄          new candidates\n"
+              "  👍 👎       rate the reply you picked\n"
+              "  /start      say hello\n"
+              "  /persona    list personas, or switch with a name\n"
+              "  /reset      start a new conversation (the old one is kept)\n"
+              "  /export     your data as a JSON file\n"
+              "  /forget     delete all your data\n"
+              "  /help       this help\n"
+              "A new message without a pick skips those candidates and I answer the new message.",
+    },
+    "choose_chat": {
+        "ko": "마음에 드는 답장을 골라 줘 (1-{count}). 🔄 다시 뽑기",
+        "en": "Pick the reply you like (1-{count}). 🔄 new candidates",
+    },
+    "thumb_saved": {
+        "ko": "평가 고마워! 오늘 밤 배울 때 참고할게.",
+        "en": "Thanks! I'll take that into account tonight.",
+    },
+    "thumb_cleared": {
+        "ko": "평가를 지웠어.",
+        "en": "Rating removed.",
+    },
+    "not_yours": {
+        "ko": "이 버튼은 다른 사람 거야.",
+        "en": "That button belongs to someone else.",
+    },
     "choose": {
         "ko": "마음에 드는 답장 번호를 골라 줘 (1-{count}). 새 메시지를 보내도 되고, /다시 로 다시 뽑을 수도 있어.",
         "en": "Pick the reply you like (1-{count}), send a new message, or /regen for new candidates.",

@@ -407,6 +407,10 @@ class Store:
             self.db["reactions"].upsert({"user_id": user_id, "turn_id": turn_id, "value": value, "emoji": emoji,
                                          "created_at": now()}, pk=("user_id", "turn_id"))
 
+    def clear_reaction(self, user_id: str, turn_id: int) -> None:
+        with self.transaction():
+            self.db.execute("DELETE FROM reactions WHERE user_id = ? AND turn_id = ?", [user_id, turn_id])
+
     # -- feedback for training ------------------------------------------------------------------
 
     def preference_records(self, user_id: str | None = None, after_pick_id: int = 0) -> Iterator[dict]:

@@ -32,6 +32,8 @@ class FakeDiscord:
         self.messages: dict[str, dict] = {}
         self.commands: list[dict] = []
         self.identify: dict | None = None
+        self.resumes: list[dict] = []               # RESUME payloads (op 6) after a dropped connection
+        self.connections = 0
         self.ws: web.WebSocketResponse | None = None
         self.ready = asyncio.Event()
         self._ids = itertools.count(2_000_000_000_000_000)
@@ -98,6 +100,16 @@ class FakeDiscord:
         await self.dispatch("MESSAGE_REACTION_ADD", {"user_id": user_id, "channel_id": channel,
                                                      "message_id": message_id, "emoji": {"id": None, "name": emoji},
                                                      "burst": False, "type": 0})
+
+    async def unreact(self, user_id: str, message_id: str, emoji: str, channel: str = "500") -> None:
+        await self.dispatch("MESSAGE_REACTION_REMOVE", {"user_id": user_id, "channel_id": channel,
+                                                        "message_id": message_id, "emoji": {"id": None, "name": emoji},
+                                                        "burst": False, "type": 0})
+
+    async def drop_connection(self, code: int = 4000) -> None:
+        """Close the gateway like a Discord hiccup does; the client should reconnect and RESUME."""
+        self.ready.clear()
+        await self.ws.close(code=code, message=b"unknown error")
 
     async def interaction(self, author: dict, data: dict, kind: int = 2, message: dict | None = None,
                           channel: str = "500") -> str:
@@ -240,6 +252,7 @@ class FakeDiscord:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         self.ws = ws
+        self.connections += 1
         await ws.send_str(json.dumps({"op": 10, "d": {"heartbeat_interval": 41250}}))
         async for frame in ws:
             if frame.type != WSMsgType.TEXT:
@@ -253,6 +266,10 @@ class FakeDiscord:
                     "v": 10, "user": BOT_USER, "guilds": [], "session_id": "sess-1",
                     "resume_gateway_url": self.gateway_url, "application": {"id": APP_ID, "flags": 0},
                     "private_channels": []}}))
+                self.ready.set()
+            elif payload["op"] == 6:  # RESUME on READY's resume_gateway_url: replay nothing, carry on
+                self.resumes.append(payload["d"])
+                await ws.send_str(json.dumps({"op": 0, "t": "RESUMED", "s": next(self._seq), "d": {}}))
                 self.ready.set()
         return ws
 

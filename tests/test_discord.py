@@ -26,7 +26,7 @@ async def discord_env(engine, settings):
     bot = create_discord_bot(engine, Admin(engine.store, settings), settings, guild_ready_timeout=0)
     fake.bot = bot
     await bot.login(fake.token)
-    task = asyncio.create_task(bot.connect(reconnect=False))
+    task = asyncio.create_task(bot.connect(reconnect=True))
     await asyncio.wait_for(bot.wait_until_ready(), 30)
     yield fake, bot
     await bot.close()
@@ -60,7 +60,7 @@ async def test_dm_offer_reaction_pick_and_edit(discord_env, engine):
     assert fake.identify["intents"] & (1 << 12) and fake.identify["intents"] & (1 << 13)  # DM messages, reactions
     assert {c["name"] for c in fake.commands} >= {"help", "reset", "persona", "status", "train", "rollback", "stats"}
     message_id, body = await send_and_get_offer(fake)
-    assert body["content"].count("\n") >= 3 and "번호를 골라 줘" in body["content"]
+    assert body["content"].count("\n") >= 3 and "답장을 골라 줘 (1-3)" in body["content"]
     count = body["content"].count("️⃣")
     for emoji in [*PICK_EMOJIS[:count], REGENERATE]:
         await fake.wait_for("PUT", f"/reactions/{emoji}/@me")
@@ -146,7 +146,7 @@ async def test_user_commands_and_guilds(discord_env, engine):
     at = len(fake.calls)
     await fake.slash(ALICE, "help")
     _, helped = await fake.wait_for("POST", "/callback", after=at)
-    assert "/regen" in helped["data"]["content"]
+    assert "/forget" in helped["data"]["content"] and "👍" in helped["data"]["content"]
     at = len(fake.calls)
     await fake.dispatch("MESSAGE_CREATE", {**(await _guild_message()), "guild_id": "900"})
     await asyncio.sleep(0.5)
@@ -225,7 +225,9 @@ async def test_export_forget_with_confirmation_and_pause(discord_env, engine):
     confirm = next(m for m in fake.messages.values() if m["content"] == asked["data"]["content"])
     at = len(fake.calls)
     await fake.click(MALLORY, confirm["id"], buttons[0])  # not hers to confirm
-    await asyncio.sleep(0.3)
+    _, refused = await fake.wait_for("POST", "/callback", after=at)
+    assert "다른 사람" in refused["data"]["content"]
+    at = len(fake.calls)
     assert engine.store.user("discord:42") is not None
     await fake.click(ALICE, confirm["id"], buttons[0])
     _, done = await fake.wait_for("POST", "/callback", after=at)
@@ -240,3 +242,63 @@ async def test_export_forget_with_confirmation_and_pause(discord_env, engine):
     await fake.slash(ADMIN, "pause")
     await fake.wait_for("POST", "/callback", after=at)
     assert engine.store.flag("learning_paused") == "1"
+
+
+async def test_thumbs_on_a_picked_reply(discord_env, engine):
+    fake, bot = discord_env
+    message_id, _ = await send_and_get_offer(fake)
+    set_id = engine.store.set_for_message("discord", message_id)
+    at = len(fake.calls)
+    await fake.react(ALICE["id"], message_id, "👍")  # nothing picked yet: nothing to rate, nothing stored
+    await fake.react(ALICE["id"], message_id, "1️⃣")
+    await fake.wait_for("PATCH", f"/messages/{message_id}", after=at)
+    turn_id = engine.store.pick_of(set_id)["turn_id"]
+
+    def thumbs():
+        return [tuple(r) for r in engine.store.db.execute("SELECT user_id, turn_id, value FROM reactions")]
+
+    assert thumbs() == []
+    await fake.react(ALICE["id"], message_id, "👎")
+    await fake.react(MALLORY["id"], message_id, "👍")  # not her reply to rate
+    for _ in range(100):
+        if thumbs():
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    assert thumbs() == [("discord:42", turn_id, -1)]
+    await fake.unreact(ALICE["id"], message_id, "👎")
+    for _ in range(100):
+        if not thumbs():
+            break
+        await asyncio.sleep(0.05)
+    assert thumbs() == []
+
+
+async def test_a_pick_while_regenerating_is_either_taken_or_refused_never_both(discord_env, engine):
+    fake, bot = discord_env
+    message_id, _ = await send_and_get_offer(fake)
+    set_id = engine.store.set_for_message("discord", message_id)
+    at = len(fake.calls)
+    await fake.react(ALICE["id"], message_id, REGENERATE)
+    await fake.react(ALICE["id"], message_id, "2️⃣")
+    _, answer = await fake.wait_for("POST", "/channels/500/messages", after=at)
+    if engine.store.pick_of(set_id) is not None:  # the pick came first: nothing left to regenerate
+        assert "다시 뽑을 메시지가 없어" in answer["content"]
+        assert engine.store.candidate_set(set_id)["status"] == "picked"
+    else:  # the regenerate came first: the pick on the replaced candidates is refused, the new offer stands
+        assert engine.store.candidate_set(set_id)["status"] == "regenerated"
+        posted = [body["content"] for m, p, body in fake.calls[at:] if m == "POST" and p.endswith("/messages")]
+        while len(posted) < 2:
+            await fake.wait_for("POST", "/channels/500/messages", after=len(fake.calls))
+            posted = [body["content"] for m, p, body in fake.calls[at:] if m == "POST" and p.endswith("/messages")]
+        assert any("지난 거라" in text for text in posted) and any("1️⃣" in text for text in posted)
+    assert engine.store.stats()["picks"] <= 1
+
+
+async def test_a_dropped_gateway_connection_resumes(discord_env, engine):
+    fake, bot = discord_env
+    await fake.drop_connection()
+    await asyncio.wait_for(fake.ready.wait(), 30)
+    assert fake.connections == 2 and fake.resumes and fake.resumes[0]["session_id"] == "sess-1"
+    message_id, body = await send_and_get_offer(fake)  # DMs after the reconnect are answered as before
+    assert "1️⃣" in body["content"]
