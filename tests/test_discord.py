@@ -302,3 +302,29 @@ async def test_a_dropped_gateway_connection_resumes(discord_env, engine):
     assert fake.connections == 2 and fake.resumes and fake.resumes[0]["session_id"] == "sess-1"
     message_id, body = await send_and_get_offer(fake)  # DMs after the reconnect are answered as before
     assert "1️⃣" in body["content"]
+
+
+async def test_guild_mentions_are_answered_when_enabled(discord_env, engine, settings):
+    fake, bot = discord_env
+    settings.discord.answer_in_guilds = True
+    at = len(fake.calls)
+    plain = await _guild_message()
+    await fake.dispatch("MESSAGE_CREATE", {**plain, "guild_id": "900"})  # not addressed to the bot
+    mention = {**plain, "id": "3001", "guild_id": "900", "content": f"<@{BOT_USER['id']}> 안녕!",
+               "mentions": [BOT_USER]}
+    await fake.dispatch("MESSAGE_CREATE", mention)
+    _, body = await fake.wait_for("POST", "/channels/600/messages", after=at)
+    while "1️⃣" not in body["content"]:
+        _, body = await fake.wait_for("POST", "/channels/600/messages", after=len(fake.calls))
+    turns = [r[0] for r in engine.store.db.execute("SELECT text FROM turns WHERE role = 'user'")]
+    assert turns == ["안녕!"]  # the mention itself is not part of the message
+
+
+def test_offers_fit_discords_message_limit():
+    from bot.discord_bot import MESSAGE_LIMIT, offer_text
+    from bot.engine import CandidateSet, Notice
+
+    offer = CandidateSet("abc", ["가" * 3000, "나" * 1500, "다"], [Notice("fewer_candidates", {"count": 3})])
+    text = offer_text(offer, "ko", ["메시지가 너무 길어서 앞뒤만 읽었어."])
+    assert len(text) <= MESSAGE_LIMIT
+    assert text.count("…") == 2 and "3️⃣ 다" in text and "(1-3)" in text
