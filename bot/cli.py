@@ -1,6 +1,6 @@
 """The `banryeo` command.
 
-    banryeo run                       # every configured platform (DISCORD_TOKEN); none: the console chat
+    banryeo run                       # every configured platform (DISCORD_TOKEN, TELEGRAM_TOKEN); none: the console
     banryeo chat                      # the console chat
     banryeo persona list              # built-in and imported personas
     banryeo persona import card.png   # a SillyTavern character card (PNG or JSON)
@@ -62,12 +62,18 @@ async def serve(engine, settings: Settings, console: bool) -> None:
         from bot.discord_bot import create_discord_bot
 
         discord_bot = create_discord_bot(engine, admin, settings)
-        platforms.append(discord_bot.start(settings.discord_token.get_secret_value()))
+        platforms.append(run_discord(discord_bot, settings.discord_token.get_secret_value()))
     if settings.telegram_token is not None and not console:
-        logger.warning("a Telegram token is set, but this build has no Telegram adapter yet")
+        from bot.telegram_bot import TelegramCompanion, build_application, run_telegram
+
+        companion = TelegramCompanion(engine, admin, settings)
+        application = build_application(companion, settings.telegram_token.get_secret_value())
+        platforms.append(run_telegram(application, companion, settings))
     try:
-        if platforms:
-            await asyncio.gather(*platforms)
+        if platforms:  # one event loop, one engine; if one platform fails to start, the others stop too
+            async with asyncio.TaskGroup() as group:
+                for platform in platforms:
+                    group.create_task(platform)
         else:
             await ConsoleChat(engine).run()
     finally:
@@ -75,10 +81,22 @@ async def serve(engine, settings: Settings, console: bool) -> None:
             nightly.shutdown()
 
 
+async def run_discord(discord_bot, token: str) -> None:
+    import discord
+
+    try:
+        async with discord_bot:  # closes the connection and HTTP session however the run ends
+            await discord_bot.start(token)
+    except discord.LoginFailure as exc:
+        raise ConfigError(f"Discord refused DISCORD_TOKEN: {exc}") from None
+
+
 def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
     engine = build_engine(settings)
     try:
         asyncio.run(serve(engine, settings, console=args.command == "chat"))
+    except* ConfigError as group:  # a platform refused its token or its settings
+        raise group.exceptions[0] from None
     finally:
         engine.close()
     return 0

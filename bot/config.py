@@ -121,6 +121,23 @@ class DiscordSettings(_Section):
     gateway_url: str | None = Field(None, description="gateway URL; only for a local test server")
 
 
+class TelegramSettings(_Section):
+    answer_in_groups: bool = Field(False, description="answer in group chats when addressed (mention, reply, /cmd@bot)")
+    mode: Literal["polling", "webhook"] = Field("polling", description="how updates arrive")
+    poll_timeout: int = Field(10, ge=0, le=50, description="long-polling timeout in seconds")
+    webhook_url: str | None = Field(None, description="public HTTPS URL Telegram posts updates to (webhook mode)")
+    webhook_listen: str = Field("127.0.0.1", description="address the webhook server listens on")
+    webhook_port: int = Field(8443, ge=1, le=65535, description="port the webhook server listens on")
+    api_base: str | None = Field(None, description="Bot API base URL ending in /bot; only for a local test server")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s) URL")
+        return value
+
+
 class StorageSettings(_Section):
     data_dir: Path = Field(Path("~/.local/share/banryeo"), description="database, imported personas, adapters")
 
@@ -148,6 +165,7 @@ class Settings(BaseSettings):
     gate: GateSettings = GateSettings()
     schedule: ScheduleSettings = ScheduleSettings()
     discord: DiscordSettings = DiscordSettings()
+    telegram: TelegramSettings = TelegramSettings()
     admins: list[str] = Field(default_factory=list, description="admin ids as 'platform:id', e.g. 'discord:1234'")
     discord_token: SecretStr | None = Field(None, validation_alias=AliasChoices("DISCORD_TOKEN", "BANRYEO_DISCORD_TOKEN"))
     telegram_token: SecretStr | None = Field(None, validation_alias=AliasChoices("TELEGRAM_TOKEN", "BANRYEO_TELEGRAM_TOKEN"))

@@ -179,7 +179,7 @@ class CompanionBot(discord.Client):
         if emoji in THUMBS:
             await self.engine.on_thumb(user, set_id, THUMBS[emoji])  # the reaction itself is the confirmation
         elif emoji == REGENERATE:
-            await self.regenerate(user, payload.channel_id)
+            await self.regenerate(user, payload.channel_id, set_id)
         else:
             await self.pick(user, set_id, PICK_EMOJIS.index(emoji), payload.channel_id, payload.message_id)
 
@@ -205,11 +205,11 @@ class CompanionBot(discord.Client):
         text = fit(f"{card.name}: {picked.text}\n-# {render('picked', language, number=index + 1)} · 👍 👎")
         await channel.get_partial_message(message_id).edit(content=text, view=None)
 
-    async def regenerate(self, user: UserRef, channel_id: int) -> None:
+    async def regenerate(self, user: UserRef, channel_id: int, set_id: str) -> None:
         channel = self.get_partial_messageable(channel_id)
         try:
             async with channel.typing():
-                offer = await self.engine.regenerate(user)
+                offer = await self.engine.regenerate(user, set_id)
         except EngineError as exc:
             await channel.send(render(exc.key, self.engine.language_of(user), **exc.params))
             return

@@ -165,15 +165,30 @@ class DialogueEngine:
             offer.opening = opening
             return offer
 
-    async def regenerate(self, user: UserRef) -> CandidateSet:
-        """New candidates for the user's latest message (while no reply to it has been picked)."""
+    async def regenerate(self, user: UserRef, set_id: str | None = None) -> CandidateSet:
+        """New candidates for the user's latest message (while no reply to it has been picked).
+
+        With `set_id` (a 🔄 pressed on a particular offer) that offer must be the user's open one.
+        """
         async with self._user_locks[user.id]:
+            if set_id is not None:
+                self.check_open(user, set_id)
             conversation = self.store.active_conversation(user.id)
             turns = self.store.turns(conversation["id"]) if conversation else []
             if not turns or turns[-1]["role"] != "user":
                 raise EngineError("nothing_to_regenerate")
             self.store.close_open_sets(user.id, "regenerated")
             return await self._offer(user, conversation["id"], turns[-1]["id"])
+
+    def check_open(self, user: UserRef, set_id: str) -> None:
+        """Raise the EngineError a user should hear unless `set_id` is their offer still open for picking."""
+        offer = self.store.candidate_set(set_id)
+        if offer is None or offer["user_id"] != user.id:
+            raise EngineError("pick_unknown")
+        if offer["status"] == "picked":
+            raise EngineError("pick_already", index=self.store.pick_of(set_id)["idx"] + 1)
+        if offer["status"] != "open":
+            raise EngineError("pick_stale")
 
     async def on_pick(self, user: UserRef, set_id: str, index: int) -> Picked:
         """Record that `user` chose candidate `index` (0-based) of set `set_id`."""

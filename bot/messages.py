@@ -66,6 +66,18 @@ MESSAGES: dict[str, dict[str, str]] = {
         "ko": "평가를 지웠어.",
         "en": "Rating removed.",
     },
+    "button_unknown": {
+        "ko": "이 버튼은 이제 쓸 수 없어. 최근 메시지의 버튼을 눌러 줘.",
+        "en": "That button no longer works. Use the buttons of a recent message.",
+    },
+    "edited_ignored": {
+        "ko": "고친 메시지에는 다시 답하지 않아. 바꾼 내용을 새 메시지로 보내 줘!",
+        "en": "I don't answer edited messages again. Send the new version as a new message!",
+    },
+    "private_only": {
+        "ko": "이건 나랑 1:1 대화에서만 할 수 있어.",
+        "en": "That only works in a private chat with me.",
+    },
     "not_yours": {
         "ko": "이 버튼은 다른 사람 거야.",
         "en": "That button belongs to someone else.",

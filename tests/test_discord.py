@@ -283,7 +283,7 @@ async def test_a_pick_while_regenerating_is_either_taken_or_refused_never_both(d
     await fake.react(ALICE["id"], message_id, "2️⃣")
     _, answer = await fake.wait_for("POST", "/channels/500/messages", after=at)
     if engine.store.pick_of(set_id) is not None:  # the pick came first: nothing left to regenerate
-        assert "다시 뽑을 메시지가 없어" in answer["content"]
+        assert "이미 2번을 골랐어" in answer["content"]
         assert engine.store.candidate_set(set_id)["status"] == "picked"
     else:  # the regenerate came first: the pick on the replaced candidates is refused, the new offer stands
         assert engine.store.candidate_set(set_id)["status"] == "regenerated"

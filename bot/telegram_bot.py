@@ -1,0 +1,518 @@
+"""Telegram: chat in private chats, pick replies with inline buttons, admin commands.
+
+    companion = TelegramCompanion(engine, admin, settings)
+    application = build_application(companion, token)
+    await run_telegram(application, companion, settings)   # until cancelled
+
+A message gets "typing…" while candidates are sampled, then one message with the numbered candidates
+and an inline keyboard: one button per candidate and 🔄 (regenerate). A press answers the callback,
+edits the message down to the picked reply (with 👍/👎 buttons to rate it) and stores the pick. A new
+message without a pick skips the offer, as on Discord: a late press on it is answered "from earlier".
+
+Button data is `pick:<set>:<index>`, `regen:<set>`, `thumb:<set>:up|down` or `forget:<user>:yes|no`.
+It only names things; the engine checks every press against the stored set (owner, status, index),
+so a forwarded, replayed or forged button changes nothing and gets a clear answer.
+
+Updates are processed concurrently (one user's sampling never holds up another user); the engine
+serialises each user's own requests. Polling by default; `telegram.mode = "webhook"` serves a webhook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import secrets
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from telegram import (BotCommand, BotCommandScopeChat, InlineKeyboardButton, InlineKeyboardMarkup, InputFile,
+                      Message, Update)
+from telegram import User as TelegramUser
+from telegram.constants import ChatAction, ChatType, MessageLimit
+from telegram.error import BadRequest, Forbidden, InvalidToken, TelegramError
+from telegram.ext import (AIORateLimiter, Application, ApplicationBuilder, CallbackQueryHandler, CommandHandler,
+                          ContextTypes, MessageHandler, filters)
+
+from bot.admin import Admin
+from bot.config import ConfigError, Settings
+from bot.engine import CandidateSet, DialogueEngine, EngineError, UserRef
+from bot.messages import render
+
+logger = logging.getLogger(__name__)
+
+PLATFORM = "telegram"
+MESSAGE_LIMIT = MessageLimit.MAX_TEXT_LENGTH  # 4,096 characters
+NUMBERS = ("1️⃣", "2️⃣", "3️⃣", "4️⃣", "5️⃣")
+TYPING_EVERY = 4.0  # seconds; Telegram shows "typing…" for about five
+
+USER_COMMANDS = {  # command: (English, Korean) descriptions for setMyCommands
+    "start": ("Say hello", "인사하기"),
+    "persona": ("List or switch personas", "페르소나 목록·바꾸기"),
+    "reset": ("Start a new conversation", "새 대화 시작"),
+    "regen": ("New candidates for my last message", "후보 다시 뽑기"),
+    "export": ("My data as a JSON file", "내 데이터 받기"),
+    "forget": ("Delete all my data", "내 데이터 지우기"),
+    "help": ("How it works", "도움말"),
+}
+ADMIN_COMMANDS = {
+    "status": "Admin: generations and schedule",
+    "train": "Admin: run the nightly training now",
+    "rollback": "Admin: serve the previous generation",
+    "stats": "Admin: counts and the metrics chart",
+    "pause": "Admin: pause learning",
+    "resume": "Admin: resume learning",
+}
+
+
+def user_ref(user: TelegramUser) -> UserRef:
+    return UserRef(PLATFORM, str(user.id), user.full_name)
+
+
+def fit(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# -- button data ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Button:
+    action: str        # pick, regen, thumb, forget
+    target: str        # a candidate set id, or a user id for forget
+    value: str = ""    # candidate index, up/down, yes/no
+
+
+def parse_button(data: str | None) -> Button | None:
+    """The button a callback names, or None when the data is not one of ours or malformed."""
+    action, _, rest = (data or "").partition(":")
+    if action == "regen":
+        return Button("regen", rest) if rest.isalnum() else None
+    target, _, value = rest.rpartition(":")
+    if action == "pick" and target.isalnum() and value.isdigit() and len(value) <= 2:
+        return Button("pick", target, value)
+    if action == "thumb" and target.isalnum() and value in ("up", "down"):
+        return Button("thumb", target, value)
+    if action == "forget" and target and value in ("yes", "no"):
+        return Button("forget", target, value)
+    return None
+
+
+def offer_keyboard(offer: CandidateSet) -> InlineKeyboardMarkup:
+    picks = [InlineKeyboardButton(NUMBERS[i], callback_data=f"pick:{offer.id}:{i}") for i in range(len(offer.texts))]
+    return InlineKeyboardMarkup([[*picks, InlineKeyboardButton("🔄", callback_data=f"regen:{offer.id}")]])
+
+
+def thumbs_keyboard(set_id: str) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup([[InlineKeyboardButton("👍", callback_data=f"thumb:{set_id}:up"),
+                                  InlineKeyboardButton("👎", callback_data=f"thumb:{set_id}:down")]])
+
+
+def offer_text(offer: CandidateSet, language: str, notices: list[str]) -> str:
+    """Numbered candidates in one message, each shortened so the whole fits Telegram's limit."""
+    head = "\n".join(notices)
+    room = (MESSAGE_LIMIT - len(head) - 200) // max(len(offer.texts), 1)
+    lines = [f"{NUMBERS[i]} {fit(text, room)}" for i, text in enumerate(offer.texts)]
+    footer = render("choose_chat", language, count=len(offer.texts))
+    return fit("\n\n".join(part for part in (head, "\n\n".join(lines), footer) if part))
+
+
+# -- the handlers ---------------------------------------------------------------------------------
+
+class TelegramCompanion:
+    """Thin handlers: read the update, call the engine, answer in the user's language."""
+
+    def __init__(self, engine: DialogueEngine, admin: Admin, settings: Settings):
+        self.engine = engine
+        self.admin = admin
+        self.settings = settings
+
+    # which updates are ours
+
+    def addressed(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> bool:
+        """Private chats always; groups only when enabled and the bot is mentioned, replied to, or commanded."""
+        chat, message = update.effective_chat, update.effective_message
+        if chat is None or message is None or update.effective_user is None:
+            return False
+        if chat.type == ChatType.PRIVATE:
+            return True
+        if not self.settings.telegram.answer_in_groups:
+            return False
+        text = message.text or message.caption or ""
+        replied = message.reply_to_message
+        return (f"@{context.bot.username}".lower() in text.lower() or text.startswith("/")
+                or (replied is not None and replied.from_user is not None and replied.from_user.id == context.bot.id))
+
+    def language(self, user: UserRef) -> str:
+        return self.engine.language_of(user)
+
+    # chat
+
+    async def on_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if not self.addressed(update, context):
+            return
+        user = user_ref(update.effective_user)
+        text = update.effective_message.text.replace(f"@{context.bot.username}", "").strip()
+        chat_id = update.effective_chat.id
+        try:
+            async with typing(context, chat_id):
+                offer = await self.engine.on_message(user, text)
+        except EngineError as exc:
+            await update.effective_message.reply_text(render(exc.key, self.language(user), **exc.params))
+            return
+        await self.send_offer(context, chat_id, user, offer)
+
+    async def send_offer(self, context: ContextTypes.DEFAULT_TYPE, chat_id: int, user: UserRef,
+                         offer: CandidateSet) -> None:
+        language = self.language(user)
+        name = self.engine.persona_of(user).name
+        if offer.opening:
+            await context.bot.send_message(chat_id, fit(f"{name}: {offer.opening}"))
+        notices = [render(n.key, language, **n.params) for n in offer.notices]
+        if offer.auto_picked:  # one distinct reply: nothing to choose, but it can be rated
+            text = fit("\n".join([*notices, f"{name}: {offer.texts[0]}"]))
+            sent = await context.bot.send_message(chat_id, text, reply_markup=thumbs_keyboard(offer.id))
+        else:
+            sent = await context.bot.send_message(chat_id, offer_text(offer, language, notices),
+                                                  reply_markup=offer_keyboard(offer))
+        self.engine.store.link_message(PLATFORM, f"{chat_id}:{sent.message_id}", offer.id)
+
+    async def on_non_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if self.addressed(update, context) and update.effective_chat.type == ChatType.PRIVATE:
+            await update.effective_message.reply_text(render("text_only", self.language(user_ref(update.effective_user))))
+
+    async def on_edited(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if self.addressed(update, context) and update.effective_chat.type == ChatType.PRIVATE:
+            await update.effective_message.reply_text(render("edited_ignored",
+                                                             self.language(user_ref(update.effective_user))))
+
+    # buttons
+
+    async def on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        query = update.callback_query
+        user = user_ref(query.from_user)
+        language = self.language(user)
+        button = parse_button(query.data)
+        if button is None:
+            await query.answer(render("button_unknown", language), show_alert=True)
+            return
+        if button.action == "forget":
+            await self.on_forget_button(query, user, button, language)
+            return
+        if button.action == "thumb":
+            rated = await self.engine.on_thumb(user, button.target, 1 if button.value == "up" else -1)
+            await query.answer(render("thumb_saved" if rated else "pick_unknown", language), show_alert=not rated)
+            return
+        if button.action == "regen":
+            await self.on_regenerate(query, context, user, button.target, language)
+            return
+        index = int(button.value)
+        try:
+            picked = await self.engine.on_pick(user, button.target, index)
+        except EngineError as exc:
+            await query.answer(render(exc.key, language, **exc.params), show_alert=True)
+            return
+        await query.answer(render("picked", language, number=index + 1))
+        if picked.already:
+            return  # a double press: the message already shows this pick
+        name = self.engine.persona_of(user).name
+        text = fit(f"{name}: {picked.text}\n\n{render('picked', language, number=index + 1)}")
+        await edit_text(query.message, text, thumbs_keyboard(button.target))
+
+    async def on_regenerate(self, query, context: ContextTypes.DEFAULT_TYPE, user: UserRef, set_id: str,
+                            language: str) -> None:
+        try:
+            self.engine.check_open(user, set_id)  # a plainly stale or foreign 🔄 gets the button's own alert
+        except EngineError as exc:
+            await query.answer(render(exc.key, language, **exc.params), show_alert=True)
+            return
+        await query.answer()  # stop the button's spinner; sampling takes a few seconds
+        chat_id = query.message.chat.id if query.message else int(user.platform_id)
+        try:
+            async with typing(context, chat_id):
+                offer = await self.engine.regenerate(user, set_id)
+        except EngineError as exc:
+            await context.bot.send_message(chat_id, render(exc.key, language, **exc.params))
+            return
+        if query.message is not None:
+            await edit_markup(query.message, None)  # the replaced candidates can no longer be picked
+        await self.send_offer(context, chat_id, user, offer)
+
+    async def on_forget_button(self, query, user: UserRef, button: Button, language: str) -> None:
+        if button.target != user.id:  # a confirmation forwarded to someone else
+            await query.answer(render("not_yours", language), show_alert=True)
+            return
+        await query.answer()
+        if button.value == "yes":
+            await self.engine.forget(user)
+            await edit_text(query.message, render("forget_done", language), None)
+        else:
+            await edit_text(query.message, render("forget_cancelled", language), None)
+
+    # user commands
+
+    async def cmd_start(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if not self.addressed(update, context):
+            return
+        user = user_ref(update.effective_user)
+        opening = await self.engine.open(user)
+        text = f"{opening.persona}: {opening.greeting}" if opening.greeting else render("help_chat", self.language(user))
+        await update.effective_message.reply_text(fit(text))
+
+    async def cmd_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if self.addressed(update, context):
+            await update.effective_message.reply_text(render("help_chat", self.language(user_ref(update.effective_user))))
+
+    async def cmd_reset(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if not self.addressed(update, context):
+            return
+        user = user_ref(update.effective_user)
+        opening = await self.engine.reset(user)
+        await update.effective_message.reply_text(fit(f"{render('reset_done', self.language(user))}\n"
+                                                      f"{opening.persona}: {opening.greeting}"))
+
+    async def cmd_regen(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if not self.addressed(update, context):
+            return
+        user = user_ref(update.effective_user)
+        chat_id = update.effective_chat.id
+        try:
+            async with typing(context, chat_id):
+                offer = await self.engine.regenerate(user)
+        except EngineError as exc:
+            await update.effective_message.reply_text(render(exc.key, self.language(user), **exc.params))
+            return
+        await self.send_offer(context, chat_id, user, offer)
+
+    async def cmd_persona(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if not self.addressed(update, context):
+            return
+        user = user_ref(update.effective_user)
+        if not context.args:
+            await update.effective_message.reply_text(render(
+                "persona_list", self.language(user), current=self.engine.persona_of(user).key,
+                personas=", ".join(self.engine.personas.keys())))
+            return
+        try:
+            opening = await self.engine.set_persona(user, context.args[0])
+        except EngineError as exc:
+            await update.effective_message.reply_text(render(exc.key, self.language(user), **exc.params))
+            return
+        await update.effective_message.reply_text(fit(f"{render('persona_changed', self.language(user), name=opening.persona)}"
+                                                      f"\n{opening.persona}: {opening.greeting}"))
+
+    async def cmd_export(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if not await self.private_only(update, context):
+            return
+        user = user_ref(update.effective_user)
+        data = json.dumps(await self.engine.export(user), ensure_ascii=False, indent=2).encode()
+        await update.effective_message.reply_document(InputFile(io.BytesIO(data), filename="banryeo-export.json"),
+                                                      caption=render("export_ready", self.language(user)))
+
+    async def cmd_forget(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if not await self.private_only(update, context):
+            return
+        user = user_ref(update.effective_user)
+        keyboard = InlineKeyboardMarkup([[InlineKeyboardButton("삭제 / Delete", callback_data=f"forget:{user.id}:yes"),
+                                          InlineKeyboardButton("취소 / Cancel", callback_data=f"forget:{user.id}:no")]])
+        await update.effective_message.reply_text(render("forget_confirm", self.language(user)), reply_markup=keyboard)
+
+    async def private_only(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> bool:
+        if not self.addressed(update, context):
+            return False
+        if update.effective_chat.type != ChatType.PRIVATE:
+            await update.effective_message.reply_text(render("private_only",
+                                                             self.language(user_ref(update.effective_user))))
+            return False
+        return True
+
+    async def on_unknown_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if self.addressed(update, context) and update.effective_chat.type == ChatType.PRIVATE:
+            command = (update.effective_message.text or "").split()[0]
+            await update.effective_message.reply_text(render("unknown_command",
+                                                             self.language(user_ref(update.effective_user)),
+                                                             command=command))
+
+    # admin commands: checked here against `admins`, whatever Telegram shows in the command menu
+
+    async def admin_only(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> bool:
+        if not self.addressed(update, context):
+            return False
+        user = user_ref(update.effective_user)
+        if self.admin.is_admin(user.id):
+            return True
+        await update.effective_message.reply_text(render("admin_only", self.language(user)))
+        return False
+
+    async def cmd_status(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if not await self.admin_only(update, context):
+            return
+        status = self.admin.status()
+        lines = [f"model: {status['model']} ({status['lineage_mode']})",
+                 f"serving: {status['serving'] or 'base'}",
+                 f"learning paused: {status['learning_paused']}",
+                 f"last rollover: {(status['last_rollover'] or {}).get('status', '-')}",
+                 f"picks {status['picks']}, users {status['users']}, generations {status['generations']}"]
+        await update.effective_message.reply_text(fit("\n".join(lines)))
+
+    async def cmd_train(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if not await self.admin_only(update, context):
+            return
+        user = user_ref(update.effective_user)
+        await update.effective_message.reply_text(render("training_started", self.language(user)))
+        code, output = await self.admin.train_now()
+        await update.effective_message.reply_text(fit(f"exit {code}\n{output[-3000:]}"))
+
+    async def cmd_rollback(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if not await self.admin_only(update, context):
+            return
+        args = context.args or []
+        if not args or (len(args) > 1 and not args[1].isdigit()):
+            await update.effective_message.reply_text("/rollback LINEAGE [NUMBER], e.g. /rollback telegram:1234")
+            return
+        try:
+            now_serving = self.admin.rollback(args[0], int(args[1]) if len(args) > 1 else None)
+        except ValueError as exc:
+            await update.effective_message.reply_text(str(exc))
+            return
+        await update.effective_message.reply_text(f"{args[0]} -> {now_serving}")
+
+    async def cmd_stats(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if not await self.admin_only(update, context):
+            return
+        text = "\n".join(f"{k}: {v}" for k, v in self.admin.stats().items())
+        lineage = context.args[0] if context.args else None
+        if lineage and self.admin.generations(lineage):
+            path = self.settings.storage.data_dir.expanduser() / "charts" / "chart-telegram.png"
+            self.admin.chart(lineage, path)
+            with path.open("rb") as photo:
+                await update.effective_message.reply_photo(photo, caption=fit(text, MessageLimit.CAPTION_LENGTH))
+        else:
+            await update.effective_message.reply_text(text)
+
+    async def cmd_pause(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if await self.admin_only(update, context):
+            self.admin.pause_learning(True)
+            await update.effective_message.reply_text(render("learning_paused", self.language(user_ref(update.effective_user))))
+
+    async def cmd_resume(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if await self.admin_only(update, context):
+            self.admin.pause_learning(False)
+            await update.effective_message.reply_text(render("learning_resumed", self.language(user_ref(update.effective_user))))
+
+    # errors and the command menu
+
+    async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        # Everything the user sent is already stored by the engine; a failed send is logged, not retried.
+        if isinstance(context.error, Forbidden):
+            logger.info("a Telegram user blocked the bot; their messages stay stored (%s)", context.error)
+        else:
+            logger.error("Telegram update failed", exc_info=context.error)
+
+    async def register_commands(self, application: Application) -> None:
+        """The command menu: English by default, Korean for Korean clients, admin commands for admins."""
+        bot = application.bot
+        await bot.set_my_commands([BotCommand(c, en) for c, (en, _) in USER_COMMANDS.items()])
+        await bot.set_my_commands([BotCommand(c, ko) for c, (_, ko) in USER_COMMANDS.items()], language_code="ko")
+        admin_menu = [*(BotCommand(c, en) for c, (en, _) in USER_COMMANDS.items()),
+                      *(BotCommand(c, text) for c, text in ADMIN_COMMANDS.items())]
+        for admin_id in self.settings.admins:
+            platform, _, chat_id = admin_id.partition(":")
+            if platform == PLATFORM and chat_id.lstrip("-").isdigit():
+                try:
+                    await bot.set_my_commands(admin_menu, scope=BotCommandScopeChat(int(chat_id)))
+                except TelegramError as exc:  # an admin who never opened the chat: "chat not found"
+                    logger.warning("no admin command menu for %s: %s", admin_id, exc)
+
+
+# -- small helpers --------------------------------------------------------------------------------
+
+@asynccontextmanager
+async def typing(context: ContextTypes.DEFAULT_TYPE, chat_id: int):
+    """Keep "typing…" showing while the block runs."""
+    async def keep_typing() -> None:
+        while True:
+            try:
+                await context.bot.send_chat_action(chat_id, ChatAction.TYPING)
+            except TelegramError as exc:
+                logger.debug("typing indicator failed: %s", exc)
+            await asyncio.sleep(TYPING_EVERY)
+
+    task = asyncio.create_task(keep_typing())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+async def edit_text(message: Message | None, text: str, markup: InlineKeyboardMarkup | None) -> None:
+    """Edit a message if Telegram still lets us (messages older than 48 hours cannot be edited)."""
+    if message is None or not isinstance(message, Message):
+        return
+    try:
+        await message.edit_text(text, reply_markup=markup)
+    except BadRequest as exc:
+        logger.info("could not edit message %s: %s", message.message_id, exc)
+
+
+async def edit_markup(message: Message, markup: InlineKeyboardMarkup | None) -> None:
+    if not isinstance(message, Message):
+        return
+    try:
+        await message.edit_reply_markup(markup)
+    except BadRequest as exc:
+        logger.info("could not edit the buttons of message %s: %s", message.message_id, exc)
+
+
+# -- wiring ---------------------------------------------------------------------------------------
+
+def build_application(companion: TelegramCompanion, token: str) -> Application:
+    """The python-telegram-bot Application with every handler; `telegram.api_base` points it at a test server."""
+    builder = (ApplicationBuilder().token(token).concurrent_updates(True)
+               .rate_limiter(AIORateLimiter(max_retries=3)))  # waits out 429 retry_after, then retries
+    if companion.settings.telegram.api_base:
+        base = companion.settings.telegram.api_base
+        builder = builder.base_url(base).base_file_url(base.removesuffix("/bot") + "/file/bot")
+    application = builder.build()
+    c = companion
+    for name, handler in (("start", c.cmd_start), ("help", c.cmd_help), ("reset", c.cmd_reset),
+                          ("regen", c.cmd_regen), ("persona", c.cmd_persona), ("export", c.cmd_export),
+                          ("forget", c.cmd_forget), ("status", c.cmd_status), ("train", c.cmd_train),
+                          ("rollback", c.cmd_rollback), ("stats", c.cmd_stats), ("pause", c.cmd_pause),
+                          ("resume", c.cmd_resume)):
+        application.add_handler(CommandHandler(name, handler, filters=filters.UpdateType.MESSAGE))
+    application.add_handler(MessageHandler(filters.UpdateType.EDITED, c.on_edited))
+    application.add_handler(MessageHandler(filters.COMMAND, c.on_unknown_command))
+    application.add_handler(MessageHandler(filters.TEXT, c.on_text))
+    application.add_handler(MessageHandler(~filters.TEXT & ~filters.StatusUpdate.ALL, c.on_non_text))
+    application.add_handler(CallbackQueryHandler(c.on_button))
+    application.add_error_handler(c.on_error)
+    return application
+
+
+async def run_telegram(application: Application, companion: TelegramCompanion, settings: Settings) -> None:
+    """Run until cancelled: polling (default) or a webhook server."""
+    telegram = settings.telegram
+    if telegram.mode == "webhook" and not telegram.webhook_url:
+        raise ConfigError("telegram.mode = 'webhook' needs telegram.webhook_url (the public HTTPS URL)")
+    try:
+        await application.initialize()
+    except InvalidToken as exc:
+        raise ConfigError(f"Telegram refused TELEGRAM_TOKEN: {exc}") from None
+    async with application:
+        await companion.register_commands(application)
+        await application.start()
+        if telegram.mode == "webhook":  # the webhook server serves the path of the public URL
+            await application.updater.start_webhook(
+                listen=telegram.webhook_listen, port=telegram.webhook_port,
+                url_path=urlparse(telegram.webhook_url).path.strip("/"),
+                webhook_url=telegram.webhook_url, secret_token=secrets.token_urlsafe(32),
+                allowed_updates=Update.ALL_TYPES)
+        else:
+            await application.updater.start_polling(timeout=telegram.poll_timeout, allowed_updates=Update.ALL_TYPES)
+        try:
+            await asyncio.Event().wait()  # until cancelled
+        finally:
+            await application.updater.stop()
+            await application.stop()
