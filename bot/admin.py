@@ -68,8 +68,11 @@ class Admin:
         return self._label(generation["id"] if generation else None)
 
     async def train_now(self, lineage: str | None = None) -> tuple[int, str]:
-        if self.nightly is None:
-            raise RuntimeError("no scheduler is running")
+        """Run the rollover process now (even with few new picks); returns (exit code, its output)."""
+        if self.nightly is None:  # the schedule is off: the same job, just never triggered by the clock
+            from schedules.nightly import NightlyRollover
+
+            self.nightly = NightlyRollover(self.settings, self.store)
         return await self.nightly.run_once(force=True, lineage=lineage)
 
     def chart(self, lineage: str, path: Path) -> Path:

@@ -135,6 +135,11 @@ async def test_admin_commands_only_for_admins(discord_env, engine):
     await fake.slash(MALLORY, "rollback", [{"name": "lineage", "type": 3, "value": "discord:42"}])
     _, refused = await fake.wait_for("POST", "/callback", after=at)
     assert "관리자만" in refused["data"]["content"]
+    at = len(fake.calls)
+    await fake.slash(ADMIN, "train")
+    _, started = await fake.wait_for("POST", "/callback", after=at)
+    _, finished = await fake.wait_for("POST", "/webhooks/", after=at, timeout=120)
+    assert "학습을 시작할게" in started["data"]["content"] and finished["content"].startswith("exit 0")
 
 
 async def test_user_commands_and_guilds(discord_env, engine):

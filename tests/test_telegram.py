@@ -214,6 +214,13 @@ async def test_admin_commands_only_for_admins(telegram_env, engine, settings):
     _, reply = await fake.wait_for("sendMessage", after=at)
     assert "telegram:42" in reply["text"]  # no generations yet: a clear answer, nothing changes
 
+    at = len(fake.calls)
+    await fake.send(ADMIN, "/train")
+    started_at, started = await fake.wait_for("sendMessage", after=at)
+    _, finished = await fake.wait_for("sendMessage", after=started_at + 1, timeout=120)
+    assert "학습을 시작할게" in started["text"] and finished["text"].startswith("exit 0")
+    assert engine.store.db.execute("SELECT count(*) FROM rollover_runs").fetchone()[0] == 1
+
     path = settings.storage.generations_dir / "telegram:42" / "gen-1"
     engine.store.add_generation("telegram:42", 1, str(path), None, "promoted",
                                 {"accuracy": 0.8, "accuracy_base": 0.4, "distinct2": 0.9, "distinct2_base": 0.95},
