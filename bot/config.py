@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDi
 
 EMBEDDED_MODEL = "embedded:gemma3-270m"
 DEFAULT_CONFIG_FILE = Path("banryeo.toml")
-SECRET_KEYS = {"discord_token", "telegram_token", "token"}
+SECRET_KEYS = {"discord_token", "telegram_token", "token", "vllm_api_key", "api_key"}
 
 
 class ConfigError(Exception):
@@ -114,6 +114,20 @@ class ScheduleSettings(_Section):
         return value
 
 
+class ServingSettings(_Section):
+    """How replies are generated: in this process (batched across users) or by a vLLM server."""
+
+    backend: Literal["local", "vllm"] = Field("local", description="local: this process; vllm: a vLLM server")
+    max_adapters: int = Field(16, ge=1, le=256, description="user adapters kept resident at once (LRU)")
+    max_rank: int = Field(16, ge=1, le=256, description="highest LoRA rank the local server accepts")
+    batch_window_ms: float = Field(8, ge=0, le=1000, description="how long a batch waits for more requests")
+    max_batch_rows: int = Field(24, ge=1, le=256, description="sequences (requests x candidates) per batch")
+    vllm_url: str | None = Field(None, description="base URL of vLLM's OpenAI-compatible server, e.g. http://gpu:8000")
+    vllm_model: str | None = Field(None, description="the base model's name on the vLLM server (default: model.name)")
+    vllm_adapter_dir: Path | None = Field(None, description="the generations folder as the vLLM server sees it")
+    vllm_timeout: float = Field(60, gt=0, description="seconds per vLLM request")
+
+
 class DiscordSettings(_Section):
     pick_with: Literal["reactions", "buttons", "both"] = Field("reactions", description="how users pick in DMs")
     answer_in_guilds: bool = Field(False, description="answer in server channels when mentioned")
@@ -164,11 +178,13 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     gate: GateSettings = GateSettings()
     schedule: ScheduleSettings = ScheduleSettings()
+    serving: ServingSettings = ServingSettings()
     discord: DiscordSettings = DiscordSettings()
     telegram: TelegramSettings = TelegramSettings()
     admins: list[str] = Field(default_factory=list, description="admin ids as 'platform:id', e.g. 'discord:1234'")
     discord_token: SecretStr | None = Field(None, validation_alias=AliasChoices("DISCORD_TOKEN", "BANRYEO_DISCORD_TOKEN"))
     telegram_token: SecretStr | None = Field(None, validation_alias=AliasChoices("TELEGRAM_TOKEN", "BANRYEO_TELEGRAM_TOKEN"))
+    vllm_api_key: SecretStr | None = Field(None, validation_alias=AliasChoices("VLLM_API_KEY", "BANRYEO_VLLM_API_KEY"))
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):

@@ -10,7 +10,8 @@
 
 Problems a user should hear about raise `EngineError(key, **params)`; adapters render the key with
 `bot.messages.render` in the user's language. Requests of one user run one at a time (a lock per
-user); sampling runs on one model thread, so other users' picks and bookkeeping never wait on it.
+user); sampling goes to a generator (bot/serving.py) that batches requests of many users, each on
+their own adapter, so other users' picks and bookkeeping never wait on it.
 """
 
 from __future__ import annotations
@@ -21,15 +22,14 @@ import random
 import shutil
 import sqlite3
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 from bot.config import Settings
 from bot.lineage import adapter_name, lineage_of
 from bot.model import ModelBackend, Sample
 from bot.prompt import Prompt, Turn, build_prompt, clean_reply, shorten
+from bot.serving import AdapterError, AdapterRef, Generator, LocalGenerator
 from bot.store import Store
 from persona import PersonaCard, PersonaError, PersonaLibrary
 
@@ -93,16 +93,17 @@ class Opening:
 
 
 class DialogueEngine:
-    def __init__(self, store: Store, backend: ModelBackend, personas: PersonaLibrary, settings: Settings):
+    def __init__(self, store: Store, backend: ModelBackend, personas: PersonaLibrary, settings: Settings,
+                 generator: Generator | None = None):
         self.store = store
         self.backend = backend
         self.personas = personas
         self.settings = settings
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="banryeo-model")
+        self.generator = generator if generator is not None else LocalGenerator(backend, settings.serving)
         self._user_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def close(self) -> None:
-        self._model_thread.shutdown(wait=True, cancel_futures=True)
+        self.generator.close()
 
     # -- users ----------------------------------------------------------------------------------
 
@@ -285,8 +286,8 @@ class DialogueEngine:
         if prompt.shortened_last and not notices:
             newest = history[-1].text
             notices.append(Notice("message_shortened", {"length": len(newest), "limit": len(newest)}))
-        adapter = await self._serving_adapter(user)
-        texts, raw = await self._sample_distinct(prompt, card, adapter)
+        texts, raw, adapter = await self._sample_distinct(prompt, card, self._serving_adapter(user))
+        generation = adapter.name if adapter else self.backend.generation
         wanted = self.settings.sampling.candidates
         if not texts:
             raise EngineError("no_reply")
@@ -295,46 +296,45 @@ class DialogueEngine:
         set_id = self.store.add_candidate_set(
             conversation_id=conversation_id, user_id=user.id, user_turn_id=user_turn_id, persona=card.key,
             prompt=prompt.text, context=prompt.messages, prompt_tokens=prompt.tokens,
-            dropped_turns=prompt.dropped_turns, model=self.backend.name, generation=adapter or self.backend.generation,
+            dropped_turns=prompt.dropped_turns, model=self.backend.name, generation=generation,
             sampling=self.settings.sampling.model_dump(),
             candidates=[{"text": t, "new_tokens": raw[t].new_tokens, "hit_stop": raw[t].hit_stop} for t in texts],
         )
         auto = len(texts) == 1
         if auto:
             self.store.record_pick(self.store.candidate_set(set_id), 0, auto=True)
-        return CandidateSet(set_id, texts, notices, auto_picked=auto, generation=adapter or self.backend.generation)
+        return CandidateSet(set_id, texts, notices, auto_picked=auto, generation=generation)
 
-    async def _serving_adapter(self, user: UserRef) -> str | None:
-        """The adapter of the generation served to `user` now, loaded if new (None: the base model).
+    def _serving_adapter(self, user: UserRef) -> AdapterRef | None:
+        """The adapter of the generation served to `user` now (None: the base model).
 
         Read once per request, so a reply is finished on the generation it started with even if a
-        newer one is promoted meanwhile; adapters stay loaded, so nothing in flight loses its weights.
+        newer one is promoted meanwhile; the generator loads it beside the old one when needed.
         """
         generation = self.store.serving(lineage_of(user.id, self.settings))
         if generation is None:
             return None
-        name = adapter_name(generation)
-        if not self.backend.has_adapter(name):
-            load = partial(self.backend.load_adapter, name, Path(generation["path"]))
-            try:
-                await asyncio.get_running_loop().run_in_executor(self._model_thread, load)
-                logger.info("now serving %s", name)
-            except Exception:
-                logger.exception("generation %s cannot be loaded; serving the base model", name)
-                return None
-        return name
+        return AdapterRef(adapter_name(generation), Path(generation["path"]))
 
-    async def _sample_distinct(self, prompt: Prompt, card: PersonaCard, adapter: str | None
-                               ) -> tuple[list[str], dict[str, Sample]]:
-        """Sample until there are N distinct non-empty replies (or the rounds run out)."""
+    async def _sample_distinct(self, prompt: Prompt, card: PersonaCard, adapter: AdapterRef | None
+                               ) -> tuple[list[str], dict[str, Sample], AdapterRef | None]:
+        """Sample until there are N distinct non-empty replies (or the rounds run out).
+
+        An adapter that cannot be served (a missing or corrupt folder) falls back to the base model,
+        and the problem is recorded where admins see it (`/status`, the log).
+        """
         wanted = self.settings.sampling.candidates
-        loop = asyncio.get_running_loop()
         kept: dict[str, Sample] = {}
         for _ in range(MAX_SAMPLING_ROUNDS):
             missing = wanted - len(kept)
-            sample = partial(self.backend.sample, prompt.text, missing, self.settings.sampling, prompt.stop, adapter)
             try:
-                samples = await loop.run_in_executor(self._model_thread, sample)
+                samples = await self.generator.sample(prompt.text, missing, self.settings.sampling, prompt.stop,
+                                                      adapter)
+            except AdapterError as exc:
+                logger.error("serving the base model instead of %s: %s", adapter.name, exc)
+                self.store.set_flag(f"adapter_error:{adapter.name}", str(exc)[:500])
+                adapter = None
+                continue
             except Exception:
                 logger.exception("sampling failed")
                 raise EngineError("model_error") from None
@@ -344,4 +344,4 @@ class DialogueEngine:
                     kept[text] = s
             if len(kept) >= wanted:
                 break
-        return list(kept), kept
+        return list(kept), kept, adapter

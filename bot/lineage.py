@@ -6,6 +6,8 @@ with `training.lineage = "shared"` one lineage learns from everybody.
 
 from __future__ import annotations
 
+import re
+
 from bot.config import Settings
 
 SHARED = "shared"
@@ -20,5 +22,9 @@ def lineage_of(user_id: str, settings: Settings) -> str:
 
 
 def adapter_name(generation: dict) -> str:
-    """A name never reused for different weights: lineage plus generation number."""
-    return f"{generation['lineage']}/gen-{generation['number']}"
+    """The served name of a generation, `user-<lineage>-gen-<n>` (e.g. user-telegram-42-gen-3).
+
+    Generation numbers only grow within a lineage, so a name never stands for two different weights.
+    """
+    lineage = re.sub(r"[^A-Za-z0-9_]+", "-", generation["lineage"]).strip("-")
+    return f"user-{lineage}-gen-{generation['number']}"

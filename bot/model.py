@@ -227,13 +227,14 @@ class ModelBackend:
                 torch.manual_seed(self._generator_seed)
             output = self.model.generate(**inputs, **kwargs)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        samples = []
-        for row in new_tokens:
-            ids = [t for t in row.tolist() if t != self.tokenizer.pad_token_id]
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            cut, hit = _cut_at_stop(text, stop)
-            samples.append(Sample(cut, len(ids), hit))
-        return samples
+        return [self.decode_sample(row, stop) for row in new_tokens]
+
+    def decode_sample(self, row: torch.Tensor, stop: list[str]) -> Sample:
+        """One generated row (padding after its end included) as a Sample cut at the first stop string."""
+        ids = [t for t in row.tolist() if t != self.tokenizer.pad_token_id]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut, hit = _cut_at_stop(text, stop)
+        return Sample(cut, len(ids), hit)
 
 
 def merge_adapter(model, adapter_dir: Path):

@@ -73,7 +73,7 @@ class NightlyRollover:
             args = [sys.executable, "-m", "training.rollover"] + (["--force"] if force else []) + \
                    (["--lineage", lineage] if lineage else [])
             env = {**os.environ, "BANRYEO_SETTINGS_JSON": self.settings.model_dump_json(
-                exclude={"discord_token", "telegram_token"})}
+                exclude={"discord_token", "telegram_token", "vllm_api_key"})}
             process = await asyncio.create_subprocess_exec(*args, env=env, stdout=asyncio.subprocess.PIPE,
                                                            stderr=asyncio.subprocess.STDOUT)
             output, _ = await process.communicate()

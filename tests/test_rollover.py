@@ -64,8 +64,8 @@ async def test_a_passed_gate_promotes_and_the_engine_serves_it_without_restart(e
     assert not list(folder.parent.glob(".partial-*"))
 
     after = await engine.on_message(ALICE, "후")  # same process, same engine: hot reload
-    assert after.generation == f"{ALICE.id}/gen-1"
-    assert engine.store.candidate_set(after.id)["generation"] == f"{ALICE.id}/gen-1"
+    assert after.generation == "user-test-alice-gen-1"
+    assert engine.store.candidate_set(after.id)["generation"] == "user-test-alice-gen-1"
 
     # nothing new to learn from: the next night skips
     [again] = run_rollover(settings)
@@ -75,7 +75,7 @@ async def test_a_passed_gate_promotes_and_the_engine_serves_it_without_restart(e
 async def test_a_reply_in_flight_finishes_on_the_generation_it_started_with(engine, settings):
     await nights(engine, settings, LENIENT, LENIENT)
     rollback(engine.store, ALICE.id, 1)
-    assert (await engine.on_message(ALICE, "1세대")).generation == f"{ALICE.id}/gen-1"
+    assert (await engine.on_message(ALICE, "1세대")).generation == "user-test-alice-gen-1"
     engine.backend.lock.acquire()  # the model is busy; the next reply waits with its generation chosen
     try:
         in_flight = asyncio.create_task(engine.on_message(ALICE, "도중에"))
@@ -83,8 +83,8 @@ async def test_a_reply_in_flight_finishes_on_the_generation_it_started_with(engi
         rollback(engine.store, ALICE.id, 2)  # promoted while that reply waits
     finally:
         engine.backend.lock.release()
-    assert (await in_flight).generation == f"{ALICE.id}/gen-1"
-    assert (await engine.on_message(ALICE, "다음")).generation == f"{ALICE.id}/gen-2"
+    assert (await in_flight).generation == "user-test-alice-gen-1"
+    assert (await engine.on_message(ALICE, "다음")).generation == "user-test-alice-gen-2"
     statuses = [s["status"] for s in engine.store.db.query("SELECT status FROM candidate_sets ORDER BY rowid")]
     assert statuses[-3:] == ["skipped", "skipped", "open"]  # each message answered once
 
@@ -97,7 +97,7 @@ async def test_a_failed_gate_keeps_the_serving_generation_and_records_why(engine
     assert rows[1]["parent_id"] == rows[0]["id"] and "beat the base" in rows[1]["reason"]
     assert engine.store.serving(ALICE.id)["number"] == 1
     offer = await engine.on_message(ALICE, "여전히 1세대?")
-    assert offer.generation == f"{ALICE.id}/gen-1"
+    assert offer.generation == "user-test-alice-gen-1"
 
 
 async def test_rollback_and_promote_by_number(engine, settings):
@@ -105,7 +105,7 @@ async def test_rollback_and_promote_by_number(engine, settings):
     store = engine.store
     assert store.serving(ALICE.id)["number"] == 2
     assert rollback(store, ALICE.id)["number"] == 1         # default: the parent
-    assert (await engine.on_message(ALICE, "롤백")).generation == f"{ALICE.id}/gen-1"
+    assert (await engine.on_message(ALICE, "롤백")).generation == "user-test-alice-gen-1"
     assert rollback(store, ALICE.id, 2)["number"] == 2
     assert rollback(store, ALICE.id, None) is not None       # 2 -> its parent 1
     assert rollback(store, ALICE.id) is None                 # 1 has no parent: the base model
@@ -128,7 +128,7 @@ async def test_per_user_lineages_learn_only_from_their_own_picks(engine, setting
     alice_picks = len([r for r in engine.store.preference_records(ALICE.id)])
     assert alice_gen["metrics"]["picks"] == alice_picks
     assert alice_gen["path"] != bob_gen["path"]
-    assert (await engine.on_message(bob, "안녕")).generation == f"{bob.id}/gen-1"
+    assert (await engine.on_message(bob, "안녕")).generation == "user-test-bob-gen-1"
 
 
 async def test_shared_lineage_learns_from_everybody(engine, settings):
@@ -138,7 +138,7 @@ async def test_shared_lineage_learns_from_everybody(engine, settings):
     await make_picks(engine, UserRef("test", "bob"), 3)
     [outcome] = run_rollover(settings)
     assert outcome.lineage == "shared" and outcome.status == "promoted"
-    assert (await engine.on_message(ALICE, "같이")).generation == "shared/gen-1"
+    assert (await engine.on_message(ALICE, "같이")).generation == "user-shared-gen-1"
 
 
 def test_a_second_rollover_while_one_runs_exits_at_once(settings):
@@ -171,7 +171,7 @@ async def test_a_crash_mid_training_leaves_the_previous_generation_serving(engin
 
     assert [p.name for p in folder.glob("gen-*")] == ["gen-0001"]        # nothing half-written is visible
     assert engine.store.serving(ALICE.id)["number"] == 1
-    assert (await engine.on_message(ALICE, "살아있어?")).generation == f"{ALICE.id}/gen-1"
+    assert (await engine.on_message(ALICE, "살아있어?")).generation == "user-test-alice-gen-1"
     [outcome] = run_rollover(settings)                                     # the next night recovers
     assert outcome.number == 2 and not list(folder.glob(".partial-*"))
     runs = list(engine.store.db.query("SELECT status FROM rollover_runs ORDER BY id"))
@@ -180,7 +180,7 @@ async def test_a_crash_mid_training_leaves_the_previous_generation_serving(engin
 
 def _env(settings, overrides=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("BANRYEO_")}
-    data = json.loads(settings.model_dump_json(exclude={"discord_token", "telegram_token"}))
+    data = json.loads(settings.model_dump_json(exclude={"discord_token", "telegram_token", "vllm_api_key"}))
     data.update(overrides or {})
     env["BANRYEO_SETTINGS_JSON"] = json.dumps(data)
     env["PYTHONPATH"] = str(ROOT)

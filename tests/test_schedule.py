@@ -61,7 +61,7 @@ async def test_the_real_job_trains_and_the_running_engine_picks_it_up(engine, se
     output = first[1] if first[0] == 0 else second[1]
     assert f"{alice.id}: promoted gen-1" in output
     offer = await engine.on_message(alice, "새 세대?")
-    assert offer.generation == f"{alice.id}/gen-1"
+    assert offer.generation == "user-test-alice-gen-1"
     runs = list(engine.store.db.query("SELECT status, summary FROM rollover_runs"))
     assert [r["status"] for r in runs] == ["finished"]
     assert json.loads(runs[0]["summary"])[0]["status"] == "promoted"

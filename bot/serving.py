@@ -1,0 +1,427 @@
+"""Serving replies for many users at once, each on their own adapter generation.
+
+    generator = LocalGenerator(backend, settings.serving)          # or VllmGenerator (bot/vllm_backend.py)
+    samples = await generator.sample(prompt, 3, settings.sampling, ["\\n"], AdapterRef(name, path))
+
+Every generator has the same interface: `sample` is awaited from the event loop and never blocks
+it; the adapter a request uses is fixed when the request is made (an `AdapterRef`, or None for the
+base model), so a promotion in the middle of a reply never changes the weights it is sampled with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import math
+import re
+import threading
+import time
+from collections import Counter, OrderedDict, deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from bot.config import SamplingSettings, ServingSettings
+from bot.model import ModelBackend, ModelError, Sample
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """One generation's LoRA adapter: its never-reused served name and its folder (peft format)."""
+
+    name: str
+    path: Path
+
+
+class AdapterError(Exception):
+    """An adapter folder is missing, corrupt or incompatible; the request can fall back to the base."""
+
+
+class Generator(Protocol):
+    async def sample(self, prompt: str, n: int, sampling: SamplingSettings, stop: list[str],
+                     adapter: AdapterRef | None) -> list[Sample]: ...
+
+    def stats(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+# -- many LoRA adapters in one batch ------------------------------------------------------------------
+
+class LoraRouter:
+    """Which adapter slot each row of the running batch uses; read by every MultiLoraLinear."""
+
+    def __init__(self) -> None:
+        self.plan: BatchPlan | None = None
+        self._versions = itertools.count(1)
+
+    def set(self, row_slots: list[int], rank: int, dtype: torch.dtype, device: torch.device) -> None:
+        """`row_slots[i]` is the slot of batch row i, or -1 for the base model."""
+        active = sorted({s for s in row_slots if s >= 0})
+        if not active:
+            self.plan = None
+            return
+        mask = None
+        if len(active) > 1 or any(s < 0 for s in row_slots):
+            # row i keeps only the rank-block of its own slot: [rows, 1, K*rank]
+            position = {slot: k for k, slot in enumerate(active)}
+            mask = torch.zeros(len(row_slots), len(active), rank, dtype=dtype, device=device)
+            for row, slot in enumerate(row_slots):
+                if slot >= 0:
+                    mask[row, position[slot]] = 1
+            mask = mask.reshape(len(row_slots), 1, len(active) * rank)
+        self.plan = BatchPlan(next(self._versions), torch.tensor(active, device=device), mask)
+
+    def clear(self) -> None:
+        self.plan = None
+
+
+@dataclass
+class BatchPlan:
+    version: int
+    slots: torch.Tensor          # the K distinct slots in this batch
+    mask: torch.Tensor | None    # None: every row uses the single active slot
+
+
+class MultiLoraLinear(nn.Module):
+    """A linear layer plus a bank of LoRA slots; each batch row adds the update of its own slot.
+
+    The K slots a batch uses are concatenated once per batch into A [in, K*r] and B [K*r, out], so a
+    step costs two small matmuls and a mask whatever the mix of users, instead of a loop over adapters.
+    """
+
+    def __init__(self, base: nn.Linear, slots: int, rank: int, router: LoraRouter):
+        super().__init__()
+        self.base = base
+        self.router = router
+        self.rank = rank
+        weight = base.weight
+        self.register_buffer("lora_a", torch.zeros(slots, base.in_features, rank, dtype=weight.dtype,
+                                                   device=weight.device), persistent=False)
+        self.register_buffer("lora_b", torch.zeros(slots, rank, base.out_features, dtype=weight.dtype,
+                                                   device=weight.device), persistent=False)
+        self._version = 0
+        self._a: torch.Tensor | None = None
+        self._b: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        plan = self.router.plan
+        if plan is None:
+            return y
+        if self._version != plan.version:
+            k = len(plan.slots)
+            self._a = self.lora_a[plan.slots].permute(1, 0, 2).reshape(self.base.in_features, k * self.rank)
+            self._b = self.lora_b[plan.slots].reshape(k * self.rank, self.base.out_features)
+            self._version = plan.version
+        xa = x @ self._a
+        if plan.mask is not None:
+            xa = xa * plan.mask
+        return y + xa @ self._b
+
+
+def install_multi_lora(model: nn.Module, slots: int, rank: int) -> tuple[LoraRouter, dict[str, MultiLoraLinear]]:
+    """Wrap every linear layer of the decoder blocks (not the LM head) with a slot bank, in place."""
+    router = LoraRouter()
+    layers: dict[str, MultiLoraLinear] = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and ".layers." in name:
+            parent_name, _, attr = name.rpartition(".")
+            wrapped = MultiLoraLinear(module, slots, rank, router)
+            setattr(model.get_submodule(parent_name), attr, wrapped)
+            layers[name] = wrapped
+    if not layers:
+        raise ModelError("found no decoder linear layers to serve LoRA adapters on")
+    return router, layers
+
+
+class AdapterCache:
+    """A bounded set of resident adapters in slots, least recently used evicted first.
+
+    A slot in use by a queued or running request (refs > 0) is never evicted or overwritten; when a
+    newer generation of the same lineage arrives, the older one is freed as soon as its last reply is done.
+    Only the model worker thread calls this.
+    """
+
+    def __init__(self, layers: dict[str, MultiLoraLinear], slots: int, rank: int):
+        self.layers = layers
+        self.rank = rank
+        self.free = list(range(slots - 1, -1, -1))
+        self.slot_of: OrderedDict[str, int] = OrderedDict()   # resident adapters, least recently used first
+        self.refs: Counter[str] = Counter()
+        self.superseded: set[str] = set()
+        self.loads = self.evictions = 0
+        self.load_seconds = 0.0
+
+    def acquire(self, ref: AdapterRef) -> int:
+        if ref.name in self.slot_of:
+            self.slot_of.move_to_end(ref.name)
+        else:
+            slot = self._free_slot()
+            try:
+                self._load(ref, slot)
+            except Exception:
+                self.free.append(slot)
+                raise
+            self.slot_of[ref.name] = slot
+            lineage = _lineage_of_name(ref.name)
+            for other in list(self.slot_of):
+                if other != ref.name and lineage and _lineage_of_name(other) == lineage:
+                    self.superseded.add(other)
+                    self._maybe_free(other)
+        self.refs[ref.name] += 1
+        return self.slot_of[ref.name]
+
+    def release(self, name: str) -> None:
+        self.refs[name] -= 1
+        if self.refs[name] <= 0:
+            del self.refs[name]
+            self._maybe_free(name)
+
+    def can_take(self, names: set[str]) -> bool:
+        """Whether all of `names` can be resident at once next to the slots in use."""
+        missing = [n for n in names if n not in self.slot_of]
+        evictable = sum(1 for n in self.slot_of if self.refs[n] == 0 and n not in names)
+        return len(missing) <= len(self.free) + evictable
+
+    def _maybe_free(self, name: str) -> None:
+        if name in self.superseded and self.refs[name] == 0 and name in self.slot_of:
+            self.free.append(self.slot_of.pop(name))
+            self.superseded.discard(name)
+            self.evictions += 1
+
+    def _free_slot(self) -> int:
+        if self.free:
+            return self.free.pop()
+        for name in self.slot_of:  # least recently used first
+            if self.refs[name] == 0:
+                self.evictions += 1
+                self.superseded.discard(name)
+                return self.slot_of.pop(name)
+        raise AdapterError("every adapter slot is in use")  # callers check can_take first
+
+    def _load(self, ref: AdapterRef, slot: int) -> None:
+        started = time.perf_counter()
+        weights = read_adapter(ref.path, self.rank, set(self.layers))
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                a, b = weights.get(name, (None, None))
+                layer.lora_a[slot].zero_()
+                layer.lora_b[slot].zero_()
+                if a is not None:
+                    r = a.shape[1]
+                    layer.lora_a[slot, :, :r].copy_(a)
+                    layer.lora_b[slot, :r, :].copy_(b)
+                layer._version = 0  # batches built before this load must rebuild their concatenation
+        self.loads += 1
+        self.load_seconds += time.perf_counter() - started
+
+
+def read_adapter(path: Path, max_rank: int, modules: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A peft LoRA folder as {module: (A [in, r], B·scale [r, out])}, checked against what can be served."""
+    path = Path(path)
+    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not config_file.exists() or not weights_file.exists():
+        raise AdapterError(f"adapter folder {path} is missing adapter_config.json or adapter_model.safetensors")
+    try:
+        config = json.loads(config_file.read_text())
+        tensors = load_file(str(weights_file))
+    except Exception as exc:
+        raise AdapterError(f"adapter folder {path} cannot be read: {exc}") from None
+    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
+        raise AdapterError(f"{path}: only plain LoRA adapters can be served together (no DoRA)")
+    rank, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    if rank > max_rank:
+        raise AdapterError(f"{path}: rank {rank} is above serving.max_rank {max_rank}")
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in key:
+                module = key.split(marker)[0].removeprefix("base_model.model.")
+                pairs.setdefault(module, {})[part] = tensor
+    weights = {}
+    for module, pair in pairs.items():
+        if module not in modules:
+            raise AdapterError(f"{path}: adapts {module}, which this model cannot serve adapters on")
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise AdapterError(f"{path}: {module} lacks half of its LoRA pair")
+        a, b = pair["lora_A"].float(), pair["lora_B"].float()
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterError(f"{path}: {module} holds non-finite weights")
+        weights[module] = (a.T.contiguous(), (b.T * scale).contiguous())
+    if not weights:
+        raise AdapterError(f"{path}: no LoRA weights found")
+    return weights
+
+
+def _lineage_of_name(name: str) -> str | None:
+    match = re.fullmatch(r"(.+)-gen-\d+", name)
+    return match.group(1) if match else None
+
+
+# -- the local generator: one model worker, batches across users ----------------------------------
+
+@dataclass
+class _Request:
+    prompt: str
+    n: int
+    sampling: SamplingSettings
+    stop: tuple[str, ...]
+    adapter: AdapterRef | None
+    future: Future
+    key: tuple = ()
+
+    def __post_init__(self) -> None:
+        s = self.sampling
+        self.key = (s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.max_new_tokens, self.stop)
+
+
+class LocalGenerator:
+    """Owns the model on one worker thread and samples queued requests in mixed batches.
+
+    Requests with the same sampling settings that arrive within `batch_window_ms` of each other go
+    into one generate call, whatever adapters they use (up to `max_batch_rows` sequences).
+    """
+
+    def __init__(self, backend: ModelBackend, serving: ServingSettings):
+        self.backend = backend
+        self.serving = serving
+        self.router, layers = install_multi_lora(backend.model, serving.max_adapters, serving.max_rank)
+        self.cache = AdapterCache(layers, serving.max_adapters, serving.max_rank)
+        self._queue: deque[_Request] = deque()
+        self._changed = threading.Condition()
+        self._closed = False
+        self.batches = self.rows = 0
+        self._thread = threading.Thread(target=self._work, name="banryeo-model", daemon=True)
+        self._thread.start()
+
+    async def sample(self, prompt: str, n: int, sampling: SamplingSettings, stop: list[str],
+                     adapter: AdapterRef | None) -> list[Sample]:
+        return await asyncio.wrap_future(self.submit(prompt, n, sampling, stop, adapter))
+
+    def submit(self, prompt: str, n: int, sampling: SamplingSettings, stop: list[str],
+               adapter: AdapterRef | None) -> Future:
+        """Queue a request from any thread; the future holds its samples (or the error)."""
+        request = _Request(prompt, n, sampling, tuple(stop), adapter, Future())
+        with self._changed:
+            if self._closed:
+                raise RuntimeError("the generator is closed")
+            self._queue.append(request)
+            self._changed.notify()
+        return request.future
+
+    def stats(self) -> dict:
+        return {"batches": self.batches, "rows": self.rows, "adapter_loads": self.cache.loads,
+                "evictions": self.cache.evictions, "resident": list(self.cache.slot_of),
+                "adapter_load_seconds": round(self.cache.load_seconds, 3), "queued": len(self._queue)}
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._thread.join(timeout=30)
+        for request in self._queue:
+            request.future.cancel()
+
+    # -- the worker ---------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._changed:
+                while not self._queue and not self._closed:
+                    self._changed.wait()
+                if self._closed:
+                    return
+                deadline = time.monotonic() + self.serving.batch_window_ms / 1000
+                while sum(r.n for r in self._queue) < self.serving.max_batch_rows and not self._closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._changed.wait(remaining)
+                batch = self._take_batch()
+            self._run(batch)
+
+    def _take_batch(self) -> list[_Request]:
+        """The oldest request plus every queued one that fits with it (same settings, rows, slots)."""
+        first = self._queue.popleft()
+        batch, rows = [first], first.n
+        names = {first.adapter.name} if first.adapter else set()
+        for request in list(self._queue):
+            wanted = names | ({request.adapter.name} if request.adapter else set())
+            if request.key != first.key or rows + request.n > self.serving.max_batch_rows \
+                    or not self.cache.can_take(wanted):
+                continue
+            self._queue.remove(request)
+            batch.append(request)
+            rows += request.n
+            names = wanted
+        return batch
+
+    def _run(self, batch: list[_Request]) -> None:
+        slots: dict[int, int] = {}
+        acquired: list[str] = []
+        for i, request in enumerate(batch):
+            if request.adapter is None:
+                continue
+            try:
+                slots[i] = self.cache.acquire(request.adapter)
+                acquired.append(request.adapter.name)
+            except AdapterError as exc:
+                logger.error("adapter %s cannot be served: %s", request.adapter.name, exc)
+                request.future.set_exception(exc)
+        live = [(i, r) for i, r in enumerate(batch) if not r.future.done()]
+        try:
+            if live:
+                results = self._generate([r for _, r in live], [slots.get(i, -1) for i, _ in live])
+                for (_, request), samples in zip(live, results):
+                    request.future.set_result(samples)
+        except Exception as exc:  # a failed batch fails its requests, never the worker
+            logger.exception("generation failed")
+            for _, request in live:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+        finally:
+            for name in acquired:
+                self.cache.release(name)
+
+    @torch.inference_mode()
+    def _generate(self, requests: list[_Request], request_slots: list[int]) -> list[list[Sample]]:
+        backend, tokenizer = self.backend, self.backend.tokenizer
+        prompts = [r.prompt for r in requests for _ in range(r.n)]
+        row_slots = [slot for r, slot in zip(requests, request_slots) for _ in range(r.n)]
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True,
+                           add_special_tokens=not backend.use_chat_template).to(backend.model.device)
+        s, stop = requests[0].sampling, list(requests[0].stop)
+        kwargs = dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or None,
+                      repetition_penalty=s.repetition_penalty, max_new_tokens=s.max_new_tokens,
+                      pad_token_id=tokenizer.pad_token_id)
+        if stop:
+            kwargs.update(stop_strings=stop, tokenizer=tokenizer)
+        with backend.lock:
+            self.router.set(row_slots, self.serving.max_rank, backend.model.dtype, backend.model.device)
+            try:
+                if backend._generator_seed is not None:
+                    torch.manual_seed(backend._generator_seed)
+                output = backend.model.generate(**inputs, **kwargs)
+            finally:
+                self.router.clear()
+        self.batches += 1
+        self.rows += len(prompts)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        samples = [backend.decode_sample(row, stop) for row in new_tokens]
+        results, start = [], 0
+        for request in requests:
+            results.append(samples[start:start + request.n])
+            start += request.n
+        return results
