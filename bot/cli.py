@@ -44,7 +44,16 @@ def build_engine(settings: Settings):
     store = Store(settings.storage.db_path)
     logger.info("Loading the model %s ...", settings.model.name)
     backend = ModelBackend.load(settings.model)
-    return DialogueEngine(store, backend, personas, settings)
+    generator = None  # the default: sample in this process (bot/serving.py)
+    if settings.serving.backend == "vllm":
+        from bot.vllm_backend import VllmGenerator
+
+        if not settings.serving.vllm_url:
+            raise ConfigError("serving.backend = 'vllm' needs serving.vllm_url (e.g. http://gpu-box:8000)")
+        key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
+        generator = VllmGenerator(settings.serving, settings.model.name, settings.storage.generations_dir, key,
+                                  add_special_tokens=not backend.use_chat_template)
+    return DialogueEngine(store, backend, personas, settings, generator)
 
 
 async def serve(engine, settings: Settings, console: bool) -> None:
@@ -79,6 +88,8 @@ async def serve(engine, settings: Settings, console: bool) -> None:
     finally:
         if nightly is not None:
             nightly.shutdown()
+        if hasattr(engine.generator, "aclose"):  # a remote generator closes its connections in the loop
+            await engine.generator.aclose()
 
 
 async def run_discord(discord_bot, token: str) -> None:

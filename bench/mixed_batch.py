@@ -1,0 +1,96 @@
+"""Mixed batch: 8 requests on 8 different adapters against the same 8 requests on the base model.
+
+    python bench/mixed_batch.py                  # embedded model, configured dtype, 3 repeats
+    python bench/mixed_batch.py --repeats 5 --rows 8 --tokens 40
+
+Each request asks for one 40-token reply; all 8 are queued together so the serving worker puts them in
+one generate call. The same batch runs three ways, alternately in one run: base model only, our
+mixed-adapter serving (bot/serving.py), and peft's own mixed batches (`adapter_names=`) for reference.
+The number to read is throughput relative to the base (target >= 0.85).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from random_adapters import make_random_adapters  # bench/random_adapters.py
+from bot.config import SamplingSettings, ServingSettings, load_settings
+from bot.model import ModelBackend, resolve_model_path
+from bot.prompt import Turn, build_prompt
+from bot.serving import AdapterRef, LocalGenerator
+from persona import PersonaLibrary
+
+MESSAGES = ["오늘 너무 피곤했어", "저녁 뭐 먹지?", "주말에 뭐 할까", "고양이가 또 토했어", "시험 망쳤어 ㅠㅠ",
+            "비 온다", "운동 가기 싫어", "새 노트북 샀어"]
+
+
+async def run_ours(generator: LocalGenerator, prompts: list[str], adapters: list[AdapterRef | None],
+                   sampling: SamplingSettings) -> float:
+    started = time.perf_counter()
+    await asyncio.gather(*(generator.sample(p, 1, sampling, [], a) for p, a in zip(prompts, adapters)))
+    return time.perf_counter() - started
+
+
+def run_peft(backend: ModelBackend, prompts: list[str], names: list[str], sampling: SamplingSettings) -> float:
+    inputs = backend.tokenizer(prompts, return_tensors="pt", padding=True)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        backend.model.generate(**inputs, adapter_names=names, do_sample=True, temperature=sampling.temperature,
+                               top_p=sampling.top_p, min_new_tokens=sampling.min_new_tokens,
+                               max_new_tokens=sampling.max_new_tokens, pad_token_id=backend.tokenizer.pad_token_id)
+    return time.perf_counter() - started
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    settings = load_settings()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sampling = SamplingSettings(max_new_tokens=args.tokens, min_new_tokens=args.tokens, repetition_penalty=1.0)
+    card = PersonaLibrary().get("haru")
+    ours = ModelBackend.load(settings.model)
+    generator = LocalGenerator(ours, ServingSettings(max_adapters=args.rows, batch_window_ms=50,
+                                                     max_batch_rows=args.rows))
+    prompts = [build_prompt(card, [Turn("user", MESSAGES[i % len(MESSAGES)])], count_tokens=ours.count_tokens,
+                            budget=1024).text for i in range(args.rows)]
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_random_adapters(resolve_model_path(settings.model), Path(tmp), args.rows)
+        refs = [AdapterRef(f"user-bench{i}-gen-1", p) for i, p in enumerate(paths)]
+        reference = ModelBackend.load(settings.model)
+        for ref in refs:
+            reference.load_adapter(ref.name, ref.path)
+        runs = {
+            "base": lambda: run_ours(generator, prompts, [None] * args.rows, sampling),
+            "mixed (ours)": lambda: run_ours(generator, prompts, refs, sampling),
+            "mixed (peft)": lambda: asyncio.to_thread(run_peft, reference, prompts, [r.name for r in refs], sampling),
+        }
+        for run in runs.values():  # warm-up, and the adapters get loaded
+            await run()
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                times[name].append(await run())
+    generator.close()
+    print(f"{args.rows} requests x {args.tokens} new tokens, {settings.model.name} ({ours.model.dtype}), "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    base = statistics.median(times["base"])
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"  {name:13} {median:6.2f} s  {args.rows * args.tokens / median:6.1f} tokens/s  "
+              f"throughput vs base {base / median:.2f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

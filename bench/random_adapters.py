@@ -1,0 +1,27 @@
+"""Random LoRA adapters for the serving benchmarks: same shape as a nightly generation (r16, all linears)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def make_random_adapters(model_dir: str | Path, out: Path, count: int, scale: float = 0.02) -> list[Path]:
+    """`count` peft LoRA folders with random non-zero weights, saved under `out`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    paths = []
+    for i in range(count):
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_" in name:
+                    parameter.normal_(0, scale)
+        path = out / f"adapter-{i}"
+        model.save_pretrained(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,401 @@
+"""The vLLM backend against a local stand-in of vLLM's OpenAI-compatible server (tests/fake_vllm.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import shutil
+import socket
+import warnings
+from pathlib import Path
+
+import pytest
+
+from bot.config import SamplingSettings, ServingSettings
+from bot.serving import AdapterError, AdapterRef
+from bot.vllm_backend import VllmError, VllmGenerator, parse_generation
+from tests.fake_vllm import FakeVllm
+
+SAMPLING = SamplingSettings(temperature=0.8, top_p=0.9, top_k=0, repetition_penalty=1.1, max_new_tokens=16)
+LOAD = "/v1/load_lora_adapter"
+COMPLETIONS = "/v1/completions"
+
+
+def make_adapter(generations: Path, lineage: str, number: int, rank: int = 16) -> AdapterRef:
+    """A generation folder as the trainer leaves it (the fake only checks the files are there)."""
+    folder = generations / lineage / f"gen-{number}"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": rank}))
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    return AdapterRef(f"user-{lineage}-gen-{number}", folder)
+
+
+async def eventually(condition, timeout: float = 2.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def fake():
+    async with FakeVllm(base_model="base") as server:
+        yield server
+
+
+@pytest.fixture
+def generations(tmp_path) -> Path:
+    return tmp_path / "generations"
+
+
+@pytest.fixture
+async def make_generator(fake, generations):
+    made: list[VllmGenerator] = []
+
+    def make(server: FakeVllm | None = None, api_key: str | None = None, **serving) -> VllmGenerator:
+        serving.setdefault("vllm_url", (server or fake).url)
+        settings = ServingSettings(backend="vllm", **serving)
+        generator = VllmGenerator(settings, "base", generations, api_key=api_key)
+        made.append(generator)
+        return generator
+
+    yield make
+    for generator in made:
+        await generator.aclose()
+
+
+async def test_base_model_request(fake, make_generator):
+    generator = make_generator()
+    samples = await generator.sample("안녕?", 2, SAMPLING, ["\n나:"], None)
+    assert [s.text for s in samples] == ["[base] reply 0", "[base] reply 1"]
+    assert all(s.hit_stop and s.new_tokens == 4 for s in samples)  # 3 words and the stop string
+    assert fake.requests(LOAD) == []
+    [body] = fake.requests(COMPLETIONS)
+    assert body["model"] == "base" and body["prompt"] == "안녕?" and body["n"] == 2
+    assert body["max_tokens"] == 16 and body["temperature"] == 0.8 and body["top_p"] == 0.9
+    assert body["top_k"] == -1 and body["repetition_penalty"] == 1.1 and body["stop"] == ["\n나:"]
+    assert "add_special_tokens" not in body and body["return_token_ids"] is True
+    assert generator.stats()["requests"] == 1
+
+
+async def test_add_special_tokens(fake, make_generator, generations):
+    settings = ServingSettings(backend="vllm", vllm_url=fake.url)
+    generator = VllmGenerator(settings, "base", generations, add_special_tokens=False)
+    try:
+        await generator.sample("<bos><|user|>hi", 1, SAMPLING, [], None)
+    finally:
+        await generator.aclose()
+    assert fake.requests(COMPLETIONS)[0]["add_special_tokens"] is False
+
+
+async def test_served_base_name_and_v1_suffix(make_generator):
+    async with FakeVllm(base_model="google/gemma-3-270m") as other:
+        generator = make_generator(other, vllm_model="google/gemma-3-270m", vllm_url=other.url + "/v1/")
+        samples = await generator.sample("hi", 1, SAMPLING.model_copy(update={"top_k": 40}), [], None)
+        assert samples[0].text == "[google/gemma-3-270m] reply 0"
+        assert other.requests(COMPLETIONS)[0]["top_k"] == 40
+        assert await generator.check() == ["google/gemma-3-270m"]
+
+
+async def test_length_cut_and_token_counts(make_generator):
+    generator = make_generator()
+    [sample] = await generator.sample("hi", 1, SAMPLING.model_copy(update={"max_new_tokens": 2}), ["\n"], None)
+    assert sample.text == "[base] reply" and sample.new_tokens == 2 and not sample.hit_stop
+
+
+async def test_token_counts_without_token_ids(make_generator):
+    async with FakeVllm(base_model="base", token_ids=False) as older:
+        samples = await make_generator(older).sample("hi", 3, SAMPLING, ["\n"], None)
+        assert sum(s.new_tokens for s in samples) == 12  # usage.completion_tokens, shared out by length
+        assert all(s.new_tokens > 0 for s in samples)
+
+
+async def test_adapter_loads_once_then_serves(fake, make_generator, generations):
+    generator = make_generator()
+    adapter = make_adapter(generations, "telegram-42", 1)
+    for _ in range(3):
+        samples = await generator.sample("hi", 2, SAMPLING, ["\n"], adapter)
+        assert [s.text for s in samples] == ["[user-telegram-42-gen-1] reply 0", "[user-telegram-42-gen-1] reply 1"]
+    assert fake.loads == [("user-telegram-42-gen-1", str(adapter.path))]
+    assert fake.models_used() == ["user-telegram-42-gen-1"] * 3
+    assert all("load_inplace" not in body for body in fake.requests(LOAD))
+    stats = generator.stats()
+    assert stats["loads"] == 1 and stats["loaded"] == ["user-telegram-42-gen-1"] and stats["requests"] == 3
+    assert stats["in_flight"] == {}
+
+
+async def test_concurrent_first_requests_load_once(fake, make_generator, generations):
+    fake.delay = fake.load_delay = 0.05
+    generator = make_generator()
+    adapter = make_adapter(generations, "discord-7", 3)
+    results = await asyncio.gather(*[generator.sample("hi", 1, SAMPLING, [], adapter) for _ in range(8)])
+    assert len(fake.requests(LOAD)) == 1
+    assert all(r[0].text == "[user-discord-7-gen-3] reply 0" for r in results)
+    assert fake.max_in_flight["user-discord-7-gen-3"] == 8
+
+
+async def test_twenty_concurrent_requests_each_served_by_its_own_adapter(fake, make_generator, generations):
+    fake.delay = 0.05
+    generator = make_generator()
+    adapters = [make_adapter(generations, f"telegram-{user}", user) for user in range(1, 6)]
+    requests = [adapters[i % 5] for i in range(20)]
+    results = await asyncio.gather(*[generator.sample(f"turn {i}", 3, SAMPLING, ["\n"], adapter)
+                                     for i, adapter in enumerate(requests)])
+    assert len(results) == 20 and len(fake.requests(COMPLETIONS)) == 20
+    for adapter, samples in zip(requests, results):
+        assert [s.text for s in samples] == [f"[{adapter.name}] reply {i}" for i in range(3)]
+    assert sorted(name for name, _ in fake.loads) == sorted(a.name for a in adapters)
+    assert all(fake.max_in_flight[a.name] == 4 for a in adapters)  # every user's requests overlapped
+
+
+async def test_promotion_unloads_the_old_generation_after_its_replies(fake, make_generator, generations):
+    generator = make_generator()
+    old, new = make_adapter(generations, "telegram-42", 1), make_adapter(generations, "telegram-42", 2)
+    await generator.sample("hi", 1, SAMPLING, [], old)
+    release = fake.hold(old.name)
+    pinned = asyncio.create_task(generator.sample("pinned to gen 1", 1, SAMPLING, [], old))
+    await eventually(lambda: fake.in_flight[old.name] == 1)
+
+    samples = await generator.sample("after the promotion", 1, SAMPLING, [], new)
+    assert samples[0].text == f"[{new.name}] reply 0"
+    await asyncio.sleep(0.05)
+    assert old.name in fake.loaded and fake.unloads == []  # its reply is still being sampled
+
+    release.set()
+    assert (await pinned)[0].text == f"[{old.name}] reply 0"  # the reply keeps the generation it started with
+    await eventually(lambda: fake.unloads == [old.name])
+    assert list(fake.loaded) == [new.name]
+    assert generator.stats()["loaded"] == [new.name] and generator.stats()["unloads"] == 1
+
+
+async def test_promotion_of_an_idle_generation_unloads_it_at_once(fake, make_generator, generations):
+    generator = make_generator()
+    other = make_adapter(generations, "telegram-4", 1)  # "telegram-4" is not a prefix match of "telegram-42"
+    first, second = make_adapter(generations, "telegram-42", 1), make_adapter(generations, "telegram-42", 2)
+    for adapter in (other, first, second):
+        await generator.sample("hi", 1, SAMPLING, [], adapter)
+    await eventually(lambda: fake.unloads == [first.name])
+    assert set(fake.loaded) == {other.name, second.name}
+
+
+async def test_lru_bound(fake, make_generator, generations):
+    generator = make_generator(max_adapters=2)
+    a, b, c, d = (make_adapter(generations, f"discord-{i}", 1) for i in range(4))
+    for adapter in (a, b, c):
+        await generator.sample("hi", 1, SAMPLING, [], adapter)
+    await eventually(lambda: fake.unloads == [a.name])
+    await generator.sample("hi", 1, SAMPLING, [], b)  # b is now more recent than c
+    await generator.sample("hi", 1, SAMPLING, [], d)
+    await eventually(lambda: fake.unloads == [a.name, c.name])
+    assert set(fake.loaded) == {b.name, d.name} and set(generator.stats()["loaded"]) == {b.name, d.name}
+    await generator.sample("hi", 1, SAMPLING, [], a)  # unloaded adapters load again when asked for
+    assert [name for name, _ in fake.loads].count(a.name) == 2
+
+
+async def test_lru_never_unloads_an_adapter_in_use(fake, make_generator, generations):
+    generator = make_generator(max_adapters=1)
+    a, b = make_adapter(generations, "discord-1", 1), make_adapter(generations, "discord-2", 1)
+    release = fake.hold(a.name)
+    busy = asyncio.create_task(generator.sample("hi", 1, SAMPLING, [], a))
+    await eventually(lambda: fake.in_flight[a.name] == 1)
+    await generator.sample("hi", 1, SAMPLING, [], b)
+    await asyncio.sleep(0.05)
+    assert a.name in fake.loaded  # over the bound for a while, rather than cutting a reply
+    release.set()
+    assert (await busy)[0].text == f"[{a.name}] reply 0"
+    await eventually(lambda: len(fake.loaded) == 1)
+
+
+async def test_reload_and_retry_after_server_restart(fake, make_generator, generations):
+    generator = make_generator()
+    adapter = make_adapter(generations, "telegram-42", 1)
+    await generator.sample("hi", 1, SAMPLING, [], adapter)
+    fake.forget_adapters()
+    samples = await generator.sample("hi", 1, SAMPLING, [], adapter)
+    assert samples[0].text == f"[{adapter.name}] reply 0"
+    assert [name for name, _ in fake.loads] == [adapter.name, adapter.name]
+    assert len(fake.requests(COMPLETIONS)) == 3
+    assert generator.stats()["reloads_after_404"] == 1
+
+
+async def test_concurrent_requests_after_restart_reload_once(fake, make_generator, generations):
+    generator = make_generator()
+    adapter = make_adapter(generations, "telegram-42", 1)
+    await generator.sample("hi", 1, SAMPLING, [], adapter)
+    fake.forget_adapters()
+    fake.load_delay = 0.05
+    results = await asyncio.gather(*[generator.sample("hi", 1, SAMPLING, [], adapter) for _ in range(5)])
+    assert all(r[0].text == f"[{adapter.name}] reply 0" for r in results)
+    assert len(fake.loads) == 2 and generator.stats()["reloads_after_404"] == 1
+
+
+async def test_adapter_loaded_by_another_bot(fake, make_generator, generations):
+    adapter = make_adapter(generations, "telegram-42", 1)
+    first, second = make_generator(), make_generator()
+    await first.sample("hi", 1, SAMPLING, [], adapter)
+    samples = await second.sample("hi", 1, SAMPLING, [], adapter)  # 400 "already been loaded" is fine
+    assert samples[0].text == f"[{adapter.name}] reply 0"
+    assert len(fake.loads) == 1 and len(fake.requests(LOAD)) == 2
+    assert second.stats()["loaded"] == [adapter.name]
+
+
+@pytest.mark.parametrize("error_style", ["nested", "flat"])
+async def test_missing_adapter_folder(make_generator, generations, error_style):
+    async with FakeVllm(base_model="base", error_style=error_style) as server:
+        generator = make_generator(server)
+        missing = AdapterRef("user-telegram-42-gen-9", generations / "telegram-42" / "gen-9")
+        with pytest.raises(AdapterError, match="user-telegram-42-gen-9.*No adapter found"):
+            await generator.sample("hi", 1, SAMPLING, [], missing)
+        assert server.requests(COMPLETIONS) == [] and generator.stats()["loaded"] == []
+        assert generator.stats()["in_flight"] == {}
+
+
+async def test_adapter_rank_above_the_server_limit(make_generator, generations):
+    generator = make_generator()
+    adapter = make_adapter(generations, "telegram-42", 1, rank=64)
+    with pytest.raises(AdapterError, match="max_lora_rank"):
+        await generator.sample("hi", 1, SAMPLING, [], adapter)
+
+
+async def test_server_error(fake, make_generator):
+    generator = make_generator()
+    fake.fail_next_completions = 1
+    with pytest.raises(VllmError, match="500"):
+        await generator.sample("hi", 1, SAMPLING, [], None)
+    assert (await generator.sample("hi", 1, SAMPLING, [], None))[0].text == "[base] reply 0"
+
+
+async def test_unknown_base_model(fake, make_generator):
+    generator = make_generator(vllm_model="not-served")
+    with pytest.raises(VllmError, match="serving.vllm_model"):
+        await generator.sample("hi", 1, SAMPLING, [], None)
+    with pytest.raises(VllmError, match="serving.vllm_model"):
+        await generator.check()
+
+
+async def test_unreachable_server(make_generator):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    generator = make_generator(vllm_url=f"http://127.0.0.1:{port}")
+    with pytest.raises(VllmError, match="serving.vllm_url"):
+        await generator.sample("hi", 1, SAMPLING, [], None)
+
+
+async def test_timeout(fake, make_generator):
+    fake.delay = 0.3
+    generator = make_generator(vllm_timeout=0.05)
+    with pytest.raises(VllmError, match="serving.vllm_timeout"):
+        await generator.sample("hi", 1, SAMPLING, [], None)
+
+
+async def test_server_without_runtime_lora_updating(make_generator, generations):
+    async with FakeVllm(base_model="base", runtime_updates=False) as server:
+        generator = make_generator(server)
+        with pytest.raises(VllmError, match="VLLM_ALLOW_RUNTIME_LORA_UPDATING"):
+            await generator.sample("hi", 1, SAMPLING, [], make_adapter(generations, "telegram-42", 1))
+
+
+async def test_server_without_lora(make_generator, generations):
+    async with FakeVllm(base_model="base", enable_lora=False) as server:
+        generator = make_generator(server)
+        with pytest.raises(VllmError, match="--enable-lora"):
+            await generator.sample("hi", 1, SAMPLING, [], make_adapter(generations, "telegram-42", 1))
+
+
+async def test_adapter_dir_mapping(fake, make_generator, generations, tmp_path):
+    adapter = make_adapter(generations, "telegram-42", 1)
+    server_view = tmp_path / "mounted-on-the-gpu-box"
+    shutil.copytree(generations, server_view)
+    generator = make_generator(vllm_adapter_dir=server_view)
+    await generator.sample("hi", 1, SAMPLING, [], adapter)
+    assert fake.loads == [(adapter.name, str(server_view / "telegram-42" / "gen-1"))]
+    assert generator.server_path(tmp_path / "elsewhere" / "gen-1") == str(tmp_path / "elsewhere" / "gen-1")
+
+
+async def test_api_key(make_generator, generations):
+    async with FakeVllm(base_model="base", api_key="s3cret") as server:
+        adapter = make_adapter(generations, "telegram-42", 1)
+        samples = await make_generator(server, api_key="s3cret").sample("hi", 1, SAMPLING, [], adapter)
+        assert samples[0].text == f"[{adapter.name}] reply 0"
+        with pytest.raises(VllmError, match="VLLM_API_KEY"):
+            await make_generator(server).sample("hi", 1, SAMPLING, [], None)
+
+
+async def test_unload_failures_are_only_logged(fake, make_generator, generations, caplog):
+    generator = make_generator(max_adapters=1)
+    a, b = make_adapter(generations, "discord-1", 1), make_adapter(generations, "discord-2", 1)
+    await generator.sample("hi", 1, SAMPLING, [], a)
+    fake.forget_adapters()  # the unload of a will get a 404
+    await generator.sample("hi", 1, SAMPLING, [], b)
+    await eventually(lambda: generator.stats()["loaded"] == [b.name])
+    assert generator.stats()["unloads"] == 0
+
+
+def test_parse_generation():
+    assert parse_generation("user-telegram-42-gen-3") == ("user-telegram-42", 3)
+    assert parse_generation("user-shared-gen-12") == ("user-shared", 12)
+    assert parse_generation("base") is None
+
+
+def test_close_after_the_loop_has_ended(tmp_path):
+    async def run() -> VllmGenerator:
+        async with FakeVllm(base_model="base") as server:
+            generator = VllmGenerator(ServingSettings(backend="vllm", vllm_url=server.url), "base", tmp_path)
+            await generator.sample("hi", 1, SAMPLING, [], None)
+            return generator
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generator = asyncio.run(run())
+        generator.close()
+        generator.close()
+        del generator
+        gc.collect()
+    assert not [w for w in caught if "Unclosed" in str(w.message)]
+
+
+def test_close_with_the_loop_stopped(tmp_path):
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(FakeVllm(base_model="base").start())
+    generator = VllmGenerator(ServingSettings(backend="vllm", vllm_url=server.url), "base", tmp_path)
+    loop.run_until_complete(generator.sample("hi", 1, SAMPLING, [], None))
+    session = generator._session
+    generator.close()
+    assert session.closed
+    loop.run_until_complete(server.stop())
+    loop.close()
+
+
+async def test_close_from_sync_code_inside_the_loop(fake, tmp_path):
+    generator = VllmGenerator(ServingSettings(backend="vllm", vllm_url=fake.url), "base", tmp_path)
+    await generator.sample("hi", 1, SAMPLING, [], None)
+    session = generator._session
+    generator.close()
+    await eventually(lambda: session.closed)
+
+
+def test_needs_a_url(tmp_path):
+    with pytest.raises(VllmError, match="vllm_url"):
+        VllmGenerator(ServingSettings(backend="vllm"), "base", tmp_path)
+
+
+async def test_the_engine_serves_each_users_generation_through_vllm(fake, settings, store, tiny_backend):
+    """The dialogue engine on the vLLM backend: each user's reply names their own serving generation."""
+    from bot.engine import DialogueEngine, UserRef
+    from persona import PersonaLibrary
+
+    settings.serving.backend, settings.serving.vllm_url = "vllm", fake.url
+    alice, bob = UserRef("telegram", "1"), UserRef("telegram", "2")
+    folder = make_adapter(settings.storage.generations_dir, "telegram-1", 1).path
+    store.set_serving(alice.id, store.add_generation(alice.id, 1, str(folder), None, "promoted", {}, 0))
+    generator = VllmGenerator(settings.serving, fake.base_model, settings.storage.generations_dir)
+    engine = DialogueEngine(store, tiny_backend, PersonaLibrary(), settings, generator)
+    try:
+        offers = await asyncio.gather(engine.on_message(alice, "안녕"), engine.on_message(bob, "안녕"))
+    finally:
+        await generator.aclose()
+    assert offers[0].generation == "user-telegram-1-gen-1" and offers[1].generation == "base"
+    assert all("[user-telegram-1-gen-1]" in text for text in offers[0].texts)
+    assert all(f"[{fake.base_model}]" in text for text in offers[1].texts)
