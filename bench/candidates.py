@@ -4,20 +4,24 @@
     python bench/candidates.py --repeats 5 --threads 2
 
 Both models are loaded side by side and timed alternately in one run, so machine noise hits both;
-the ratio is the number to read. Every run generates exactly 40 new tokens per candidate.
+the ratio is the number to read. Every run generates exactly 40 new tokens per candidate. A third row
+runs the configured dtype through the serving worker (bot/serving.py), which prefills the prompt once
+for all candidates instead of once per candidate.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import time
 
 import torch
 
-from bot.config import Settings, load_settings
+from bot.config import SamplingSettings, ServingSettings, Settings, load_settings
 from bot.model import ModelBackend, resolve_dtype
 from bot.prompt import Turn, build_prompt
+from bot.serving import LocalGenerator
 from persona import PersonaLibrary
 
 CANDIDATES, NEW_TOKENS = 3, 40
@@ -32,6 +36,16 @@ def time_generate(backend: ModelBackend, prompt: str) -> float:
                                      max_new_tokens=NEW_TOKENS, pad_token_id=backend.tokenizer.pad_token_id)
     elapsed = time.perf_counter() - started
     assert out.shape[1] - inputs["input_ids"].shape[1] == NEW_TOKENS
+    return elapsed
+
+
+def time_serving(generator: LocalGenerator, prompt: str) -> float:
+    sampling = SamplingSettings(temperature=0.9, top_p=0.95, repetition_penalty=1.0,
+                                max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    started = time.perf_counter()
+    samples = asyncio.run(generator.sample(prompt, CANDIDATES, sampling, [], None))
+    elapsed = time.perf_counter() - started
+    assert all(s.new_tokens == NEW_TOKENS for s in samples), [s.new_tokens for s in samples]
     return elapsed
 
 
@@ -52,20 +66,31 @@ def main() -> None:
     card = PersonaLibrary().get(settings.chat.persona)
     prompt = build_prompt(card, [Turn("char", card.greetings[0]), Turn("user", "오늘 너무 피곤했어. 저녁 뭐 먹지?")],
                           count_tokens=any_backend.count_tokens, budget=settings.chat.max_context_tokens)
-    for backend in backends.values():  # warm-up
-        time_generate(backend, prompt.text)
-    times: dict[str, list[float]] = {name: [] for name in backends}
+    served_name = f"{names_of(backends)[-1]} served"
+    generator = LocalGenerator(ModelBackend.load(settings.model), ServingSettings(batch_window_ms=0))
+    runs = {name: (lambda b=backend: time_generate(b, prompt.text)) for name, backend in backends.items()}
+    runs[served_name] = lambda: time_serving(generator, prompt.text)
+    for run in runs.values():  # warm-up
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.repeats):
-        for name, backend in backends.items():
-            times[name].append(time_generate(backend, prompt.text))
+        for name, run in runs.items():
+            times[name].append(run())
+    generator.close()
     print(f"{CANDIDATES} candidates x {NEW_TOKENS} new tokens, prompt {prompt.tokens} tokens, "
           f"{torch.get_num_threads()} threads, {args.repeats} repeats (median)")
     medians = {name: statistics.median(t) for name, t in times.items()}
     for name, median in medians.items():
-        print(f"  {name:9} {median:6.2f} s   {CANDIDATES * NEW_TOKENS / median:6.1f} tokens/s")
-    names = list(medians)
-    if len(names) == 2 and names[0] != names[1]:
-        print(f"  speed-up of {names[1]} over float32: {medians['float32'] / medians[names[1]]:.2f}x")
+        print(f"  {name:16} {median:6.2f} s   {CANDIDATES * NEW_TOKENS / median:6.1f} tokens/s")
+    configured_name = names_of(backends)[-1]
+    if configured_name != "float32":
+        print(f"  speed-up of {configured_name} over float32: {medians['float32'] / medians[configured_name]:.2f}x")
+    print(f"  speed-up of the serving worker over plain generate: "
+          f"{medians[configured_name] / medians[served_name]:.2f}x")
+
+
+def names_of(backends: dict) -> list[str]:
+    return list(backends)
 
 
 if __name__ == "__main__":

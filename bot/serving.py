@@ -396,12 +396,17 @@ class LocalGenerator:
             for name in acquired:
                 self.cache.release(name)
 
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor):
+        """The KV cache of `ids` (left-padded), positions counted from each row's first real token."""
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return self.backend.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                  logits_to_keep=1).past_key_values
+
     @torch.inference_mode()
     def _generate(self, requests: list[_Request], request_slots: list[int]) -> list[list[Sample]]:
         backend, tokenizer = self.backend, self.backend.tokenizer
-        prompts = [r.prompt for r in requests for _ in range(r.n)]
         row_slots = [slot for r, slot in zip(requests, request_slots) for _ in range(r.n)]
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True,
+        inputs = tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True,
                            add_special_tokens=not backend.use_chat_template).to(backend.model.device)
         s, stop = requests[0].sampling, list(requests[0].stop)
         kwargs = dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or None,
@@ -411,17 +416,26 @@ class LocalGenerator:
             kwargs.update(stop_strings=stop, tokenizer=tokenizer)
         if s.min_new_tokens:
             kwargs["min_new_tokens"] = s.min_new_tokens
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        rows = torch.tensor([i for i, r in enumerate(requests) for _ in range(r.n)], device=ids.device)
         with backend.lock:
-            self.router.set(row_slots, self.serving.max_rank, backend.model.dtype, backend.model.device)
             try:
                 if backend._generator_seed is not None:
                     torch.manual_seed(backend._generator_seed)
-                output = backend.model.generate(**inputs, **kwargs)
+                # The prompt is prefilled once per request, not once per candidate: the cache is then
+                # copied to each of the request's rows and generate goes on from the last prompt token.
+                if ids.shape[1] > 1:
+                    self.router.set(request_slots, self.serving.max_rank, backend.model.dtype, backend.model.device)
+                    cache = self._prefill(ids[:, :-1], mask[:, :-1])
+                    cache.batch_select_indices(rows)
+                    kwargs["past_key_values"] = cache
+                self.router.set(row_slots, self.serving.max_rank, backend.model.dtype, backend.model.device)
+                output = backend.model.generate(input_ids=ids[rows], attention_mask=mask[rows], **kwargs)
             finally:
                 self.router.clear()
         self.batches += 1
-        self.rows += len(prompts)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        self.rows += len(row_slots)
+        new_tokens = output[:, ids.shape[1]:]
         samples = [backend.decode_sample(row, stop) for row in new_tokens]
         results, start = [], 0
         for request in requests:

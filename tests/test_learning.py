@@ -18,6 +18,7 @@ pytestmark = pytest.mark.embedded
 USER = "test:kong"
 
 
+@pytest.mark.timeout(2400)  # about 7 CPU minutes on 2 cores; room for a busy machine
 def test_one_night_learns_the_dogs_name_and_keeps_replies_varied(tmp_path):
     settings = Settings(storage={"data_dir": tmp_path}, training={"min_new_picks": 1},
                         gate={"probe_contexts": 5, "samples_per_context": 4})

@@ -87,6 +87,18 @@ async def test_concurrent_users_never_get_each_others_adapter(adapters, generato
     assert generator.stats()["evictions"] >= 1  # five adapters, four slots: the cache cycled under load
 
 
+async def test_shared_prefill_samples_what_plain_generate_samples(tiny_model_dir, generator):
+    reference = load_backend(tiny_model_dir)
+    for prompt in ("나: 안녕\n하루:", "나: 오늘 좀 길게 얘기해도 돼? 할 말이 많아\n하루: 응\n나: 고마워\n하루:", "안"):
+        ids = reference.tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            out = reference.model.generate(**ids, do_sample=False, max_new_tokens=8, repetition_penalty=1.0,
+                                           pad_token_id=reference.tokenizer.pad_token_id)
+        expected = reference.tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
+        samples = await generator.sample(prompt, 2, GREEDY, [], None)
+        assert [s.text for s in samples] == [expected, expected]
+
+
 def test_the_cache_evicts_least_recently_used_but_never_one_in_use(tiny_model_dir, adapters):
     backend = load_backend(tiny_model_dir)
     generator = LocalGenerator(backend, ServingSettings(max_adapters=2))
