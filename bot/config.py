@@ -36,7 +36,8 @@ class _Section(BaseModel):
 
 class ModelSettings(_Section):
     name: str = Field(EMBEDDED_MODEL, description="'embedded:gemma3-270m', a Hugging Face model id or a local folder")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32", "int8"] = Field(
+        "auto", description="auto: bfloat16 on CPU; int8: dynamic int8 linear layers on CPU (serving only)")
     prompt_format: Literal["auto", "transcript", "chat"] = Field(
         "auto", description="auto: the tokenizer's chat template when it has one, else a transcript"
     )

@@ -99,16 +99,18 @@ class MultiLoraLinear(nn.Module):
     step costs two small matmuls and a mask whatever the mix of users, instead of a loop over adapters.
     """
 
-    def __init__(self, base: nn.Linear, slots: int, rank: int, router: LoraRouter):
+    def __init__(self, base: nn.Module, slots: int, rank: int, router: LoraRouter):
         super().__init__()
         self.base = base
         self.router = router
         self.rank = rank
-        weight = base.weight
-        self.register_buffer("lora_a", torch.zeros(slots, base.in_features, rank, dtype=weight.dtype,
-                                                   device=weight.device), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(slots, rank, base.out_features, dtype=weight.dtype,
-                                                   device=weight.device), persistent=False)
+        # a dynamic int8 layer has a packed weight; its inputs and outputs stay float32 on the CPU
+        dtype, device = (base.weight.dtype, base.weight.device) if isinstance(base, nn.Linear) else \
+            (torch.float32, torch.device("cpu"))
+        self.register_buffer("lora_a", torch.zeros(slots, base.in_features, rank, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("lora_b", torch.zeros(slots, rank, base.out_features, dtype=dtype, device=device),
+                             persistent=False)
         self._version = 0
         self._a: torch.Tensor | None = None
         self._b: torch.Tensor | None = None
@@ -133,8 +135,9 @@ def install_multi_lora(model: nn.Module, slots: int, rank: int) -> tuple[LoraRou
     """Wrap every linear layer of the decoder blocks (not the LM head) with a slot bank, in place."""
     router = LoraRouter()
     layers: dict[str, MultiLoraLinear] = {}
+    linear = (nn.Linear, torch.ao.nn.quantized.dynamic.Linear)
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and ".layers." in name:
+        if isinstance(module, linear) and ".layers." in name:
             parent_name, _, attr = name.rpartition(".")
             wrapped = MultiLoraLinear(module, slots, rank, router)
             setattr(model.get_submodule(parent_name), attr, wrapped)

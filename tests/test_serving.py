@@ -160,3 +160,17 @@ async def test_a_broken_generation_falls_back_to_the_base_with_an_admin_visible_
     offer = await engine.on_message(alice, "아직 있어?")
     assert offer.generation == "base" and offer.texts
     assert "missing" in engine.store.flag("adapter_error:user-test-alice-gen-1")
+
+
+async def test_int8_weights_serve_adapters_too(tiny_model_dir, adapters):
+    backend = ModelBackend.load(ModelSettings(name=str(tiny_model_dir), dtype="int8", prompt_format="transcript"))
+    assert any(type(m).__name__ == "Linear" and "quantized" in type(m).__module__ for m in backend.model.modules())
+    generator = LocalGenerator(backend, ServingSettings(max_adapters=2))
+    try:
+        prompt = "나: 안녕\n하루:"
+        base, own, other = [await generator.sample(prompt, 1, GREEDY, [], ref) for ref in (None, *adapters[:2])]
+        assert len({base[0].text, own[0].text, other[0].text}) == 3  # each adapter still changes the reply
+        [again] = await generator.sample(prompt, 1, GREEDY, [], adapters[0])
+        assert again.text == own[0].text
+    finally:
+        generator.close()

@@ -98,7 +98,9 @@ def run_rollover(settings: Settings, only: str | None = None, force: bool = Fals
                 outcome = Outcome(lineage, "skipped", "learning is paused") if paused else \
                     _skip_reason(store, settings, lineage, users, force)
                 if outcome is None:
-                    backend = backend or ModelBackend.load(settings.model.model_copy(update={"adapter": None}))
+                    trainable = "auto" if settings.model.dtype == "int8" else settings.model.dtype  # int8 serves only
+                    backend = backend or ModelBackend.load(settings.model.model_copy(
+                        update={"adapter": None, "dtype": trainable}))
                     outcome = _roll(store, settings, backend, lineage, users)
                 logger.info("%s: %s %s", lineage, outcome.status, outcome.reason)
                 outcomes.append(outcome)
