@@ -62,6 +62,7 @@ class ChatSettings(_Section):
     language: Literal["ko", "en"] | None = Field(None, description="bot messages; default: the persona's language")
     max_message_chars: int = Field(2000, ge=50, description="longer messages are shortened in the prompt (kept whole in the store)")
     max_context_tokens: int = Field(1024, ge=128, description="prompt budget; the oldest turns are dropped first")
+    messages_per_minute: int = Field(12, ge=1, description="per user; faster messages are asked to slow down")
 
 
 class TrainingSettings(_Section):
@@ -124,6 +125,7 @@ class ServingSettings(_Section):
     max_rank: int = Field(16, ge=1, le=256, description="highest LoRA rank the local server accepts")
     batch_window_ms: float = Field(8, ge=0, le=1000, description="how long a batch waits for more requests")
     max_batch_rows: int = Field(24, ge=1, le=256, description="sequences (requests x candidates) per batch")
+    max_queue: int = Field(64, ge=1, description="requests waiting for the model; beyond it users hear 'busy'")
     vllm_url: str | None = Field(None, description="base URL of vLLM's OpenAI-compatible server, e.g. http://gpu:8000")
     vllm_model: str | None = Field(None, description="the base model's name on the vLLM server (default: model.name)")
     vllm_adapter_dir: Path | None = Field(None, description="the generations folder as the vLLM server sees it")

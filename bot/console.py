@@ -21,6 +21,7 @@ COMMANDS = {
     "/regen": "regen", "/다시": "regen",
     "/reset": "reset", "/새로": "reset",
     "/persona": "persona", "/페르소나": "persona",
+    "/learning": "learning", "/학습": "learning",
     "/quit": "quit", "/exit": "quit", "/끝": "quit",
 }
 
@@ -79,6 +80,8 @@ class ConsoleChat:
             self.write(f"{opening.persona}: {opening.greeting}")
         elif command == "persona":
             await self.persona(rest.strip())
+        elif command == "learning":
+            await self.learning(rest.strip().lower())
         elif text.isdigit() and len(text) <= 2:  # a short number picks; longer ones are just messages
             if self.offer is None or self.offer.auto_picked:
                 self.say("nothing_to_pick")
@@ -87,6 +90,14 @@ class ConsoleChat:
         else:
             self.show(await self.engine.on_message(self.user, text))
         return True
+
+    async def learning(self, choice: str) -> None:
+        if choice in ("on", "off", "켜기", "끄기"):
+            enabled = choice in ("on", "켜기")
+            await self.engine.set_learning(self.user, enabled)
+            self.say("learning_on" if enabled else "learning_off")
+        else:
+            self.say("learning_status_on" if self.engine.learning_enabled(self.user) else "learning_status_off")
 
     async def pick(self, number: int) -> None:
         card = self.engine.persona_of(self.user)

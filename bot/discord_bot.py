@@ -275,6 +275,19 @@ def add_commands(tree: app_commands.CommandTree) -> None:
         await interaction.response.send_message(render("forget_confirm", language),
                                                 view=ConfirmForget(interaction.user.id, language), ephemeral=True)
 
+    @tree.command(name="learning", description="Learn from my picks: on or off / 내 선택으로 배우기")
+    @app_commands.describe(choice="on or off")
+    @app_commands.choices(choice=[app_commands.Choice(name="on", value="on"),
+                                  app_commands.Choice(name="off", value="off")])
+    async def learning_command(interaction: discord.Interaction, choice: str | None = None) -> None:
+        bot, user, language = engine_of(interaction)
+        if choice is None:
+            key = "learning_status_on" if bot.engine.learning_enabled(user) else "learning_status_off"
+        else:
+            await bot.engine.set_learning(user, choice == "on")
+            key = "learning_on" if choice == "on" else "learning_off"
+        await interaction.response.send_message(render(key, language), ephemeral=True)
+
     @tree.command(name="export", description="My data as a JSON file / 내 데이터 받기")
     async def export_command(interaction: discord.Interaction) -> None:
         bot, user, language = engine_of(interaction)

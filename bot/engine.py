@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import shutil
 import sqlite3
-from collections import defaultdict
+import time
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +103,7 @@ class DialogueEngine:
         self.settings = settings
         self.generator = generator if generator is not None else LocalGenerator(backend, settings.serving)
         self._user_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._recent: defaultdict[str, deque[float]] = defaultdict(deque)  # per user: times of recent requests
 
     def close(self) -> None:
         self.generator.close()
@@ -152,6 +155,7 @@ class DialogueEngine:
         text = text.replace("\x00", "").strip()
         if not text:
             raise EngineError("empty_message")
+        self._admit(user)
         async with self._user_locks[user.id]:
             self._ensure_user(user)
             opening = None
@@ -171,6 +175,7 @@ class DialogueEngine:
 
         With `set_id` (a 🔄 pressed on a particular offer) that offer must be the user's open one.
         """
+        self._admit(user)
         async with self._user_locks[user.id]:
             if set_id is not None:
                 self.check_open(user, set_id)
@@ -246,6 +251,16 @@ class DialogueEngine:
             _, greeting = self._start_conversation(user)
             return Opening(greeting, card.name)
 
+    async def set_learning(self, user: UserRef, enabled: bool) -> None:
+        """Opt out of (or back into) learning: picks and thumbs stay stored but no training run uses them."""
+        async with self._user_locks[user.id]:
+            self._ensure_user(user)
+            self.store.update_user(user.id, learning_opt_out=0 if enabled else 1)
+
+    def learning_enabled(self, user: UserRef) -> bool:
+        row = self.store.user(user.id)
+        return not (row and row["learning_opt_out"])
+
     # -- the user's own data ---------------------------------------------------------------------
 
     async def export(self, user: UserRef) -> dict:
@@ -263,6 +278,18 @@ class DialogueEngine:
                     shutil.rmtree(path, ignore_errors=True)
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _admit(self, user: UserRef) -> None:
+        """Backpressure before anything is stored: a per-user rate and a bound on the model's queue."""
+        now = time.monotonic()
+        recent = self._recent[user.id]
+        while recent and now - recent[0] > 60:
+            recent.popleft()
+        if len(recent) >= self.settings.chat.messages_per_minute:
+            raise EngineError("slow_down", seconds=max(1, math.ceil(60 - (now - recent[0]))))
+        if self.generator.pending() >= self.settings.serving.max_queue:
+            raise EngineError("busy")
+        recent.append(now)
 
     def _repeated_pick(self, offer: dict, index: int) -> Picked:
         earlier = self.store.pick_of(offer["id"])

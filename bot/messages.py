@@ -17,6 +17,7 @@ MESSAGES: dict[str, dict[str, str]] = {
               "  /다시       후보 다시 뽑기 (/regen)\n"
               "  /새로       새 대화 시작 (/reset)\n"
               "  /페르소나   페르소나 목록 보기, /페르소나 이름 으로 바꾸기 (/persona)\n"
+              "  /학습       내 선택으로 배우기 켜기/끄기 (/learning on|off)\n"
               "  /도움       이 도움말 (/help)\n"
               "  /끝         끝내기 (/quit)",
         "en": "Reply candidates come with numbers. Pick the one you like and the conversation goes on with it; "
@@ -25,6 +26,7 @@ MESSAGES: dict[str, dict[str, str]] = {
               "  /regen      sample new candidates\n"
               "  /reset      start a new conversation\n"
               "  /persona    list personas, /persona NAME to switch\n"
+              "  /learning   learn from my picks: /learning on|off\n"
               "  /help       this help\n"
               "  /quit       leave",
     },
@@ -37,6 +39,7 @@ MESSAGES: dict[str, dict[str, str]] = {
               "  /start      인사하기\n"
               "  /persona    페르소나 목록, 이름을 붙이면 바꾸기\n"
               "  /reset      새 대화 시작 (지난 대화는 저장돼)\n"
+              "  /learning   내 선택으로 배우기 켜기/끄기 (on|off)\n"
               "  /export     내 데이터 JSON 파일로 받기\n"
               "  /forget     내 데이터 모두 지우기\n"
               "  /help       이 도움말\n"
@@ -49,6 +52,7 @@ MESSAGES: dict[str, dict[str, str]] = {
               "  /start      say hello\n"
               "  /persona    list personas, or switch with a name\n"
               "  /reset      start a new conversation (the old one is kept)\n"
+              "  /learning   learn from my picks: on or off\n"
               "  /export     your data as a JSON file\n"
               "  /forget     delete all your data\n"
               "  /help       this help\n"
@@ -77,6 +81,30 @@ MESSAGES: dict[str, dict[str, str]] = {
     "private_only": {
         "ko": "이건 나랑 1:1 대화에서만 할 수 있어.",
         "en": "That only works in a private chat with me.",
+    },
+    "busy": {
+        "ko": "지금 말 거는 사람이 너무 많아서 바빠. 잠시 후에 다시 보내 줘!",
+        "en": "I'm swamped right now. Please send that again in a moment.",
+    },
+    "slow_down": {
+        "ko": "조금만 천천히! {seconds}초 뒤에 다시 보내 줘.",
+        "en": "A little slower, please! Send it again in {seconds} s.",
+    },
+    "learning_off": {
+        "ko": "이제 네 선택으로는 배우지 않을게. 대화는 그대로 계속할 수 있어. (/learning on 으로 다시 켜기)",
+        "en": "I won't learn from your picks any more; we can keep chatting. (/learning on turns it back on)",
+    },
+    "learning_on": {
+        "ko": "다시 네 선택으로 배울게. 고마워!",
+        "en": "I'll learn from your picks again. Thank you!",
+    },
+    "learning_status_on": {
+        "ko": "지금은 네가 고른 답장으로 배우고 있어. 끄려면 /learning off",
+        "en": "I'm learning from your picks. To stop: /learning off",
+    },
+    "learning_status_off": {
+        "ko": "지금은 네 선택으로 배우지 않아. 켜려면 /learning on",
+        "en": "I'm not learning from your picks. To resume: /learning on",
     },
     "not_yours": {
         "ko": "이 버튼은 다른 사람 거야.",

@@ -52,6 +52,8 @@ class Generator(Protocol):
 
     def stats(self) -> dict: ...
 
+    def pending(self) -> int: ...     # requests queued or running
+
     def close(self) -> None: ...
 
 
@@ -307,6 +309,7 @@ class LocalGenerator:
         self._changed = threading.Condition()
         self._closed = False
         self.batches = self.rows = 0
+        self._running = 0  # requests in the batch being generated
         self._thread = threading.Thread(target=self._work, name="banryeo-model", daemon=True)
         self._thread.start()
 
@@ -324,6 +327,9 @@ class LocalGenerator:
             self._queue.append(request)
             self._changed.notify()
         return request.future
+
+    def pending(self) -> int:
+        return len(self._queue) + self._running
 
     def stats(self) -> dict:
         return {"batches": self.batches, "rows": self.rows, "adapter_loads": self.cache.loads,
@@ -354,7 +360,11 @@ class LocalGenerator:
                         break
                     self._changed.wait(remaining)
                 batch = self._take_batch()
-            self._run(batch)
+                self._running = len(batch)
+            try:
+                self._run(batch)
+            finally:
+                self._running = 0
 
     def _take_batch(self) -> list[_Request]:
         """The oldest request plus every queued one that fits with it (same settings, rows, slots)."""

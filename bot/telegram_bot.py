@@ -53,6 +53,7 @@ USER_COMMANDS = {  # command: (English, Korean) descriptions for setMyCommands
     "persona": ("List or switch personas", "페르소나 목록·바꾸기"),
     "reset": ("Start a new conversation", "새 대화 시작"),
     "regen": ("New candidates for my last message", "후보 다시 뽑기"),
+    "learning": ("Learn from my picks: on or off", "내 선택으로 배우기 켜기·끄기"),
     "export": ("My data as a JSON file", "내 데이터 받기"),
     "forget": ("Delete all my data", "내 데이터 지우기"),
     "help": ("How it works", "도움말"),
@@ -302,6 +303,18 @@ class TelegramCompanion:
         await update.effective_message.reply_text(fit(f"{render('persona_changed', self.language(user), name=opening.persona)}"
                                                       f"\n{opening.persona}: {opening.greeting}"))
 
+    async def cmd_learning(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if not self.addressed(update, context):
+            return
+        user = user_ref(update.effective_user)
+        choice = (context.args or [""])[0].lower()
+        if choice in ("on", "off"):
+            await self.engine.set_learning(user, choice == "on")
+            key = "learning_on" if choice == "on" else "learning_off"
+        else:
+            key = "learning_status_on" if self.engine.learning_enabled(user) else "learning_status_off"
+        await update.effective_message.reply_text(render(key, self.language(user)))
+
     async def cmd_export(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not await self.private_only(update, context):
             return
@@ -477,8 +490,8 @@ def build_application(companion: TelegramCompanion, token: str) -> Application:
     application = builder.build()
     c = companion
     for name, handler in (("start", c.cmd_start), ("help", c.cmd_help), ("reset", c.cmd_reset),
-                          ("regen", c.cmd_regen), ("persona", c.cmd_persona), ("export", c.cmd_export),
-                          ("forget", c.cmd_forget), ("status", c.cmd_status), ("train", c.cmd_train),
+                          ("regen", c.cmd_regen), ("persona", c.cmd_persona), ("learning", c.cmd_learning),
+                          ("export", c.cmd_export), ("forget", c.cmd_forget), ("status", c.cmd_status), ("train", c.cmd_train),
                           ("rollback", c.cmd_rollback), ("stats", c.cmd_stats), ("pause", c.cmd_pause),
                           ("resume", c.cmd_resume)):
         application.add_handler(CommandHandler(name, handler, filters=filters.UpdateType.MESSAGE))

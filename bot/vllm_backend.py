@@ -105,6 +105,7 @@ class VllmGenerator:
         self._loading: dict[str, asyncio.Task] = {}             # name -> the one load in progress
         self._unloading: dict[str, asyncio.Task] = {}
         self._in_flight: Counter[str] = Counter()
+        self._base_in_flight = 0
         self._superseded: set[str] = set()                      # older generations waiting for their replies
         self._closing: set[asyncio.Task] = set()
         self._counts: Counter[str] = Counter()
@@ -131,8 +132,14 @@ class VllmGenerator:
         }
         if self.add_special_tokens is not None:
             payload["add_special_tokens"] = self.add_special_tokens
+        if sampling.min_new_tokens:
+            payload["min_tokens"] = sampling.min_new_tokens
         if adapter is None:
-            status, body = await self._post("/v1/completions", payload)
+            self._base_in_flight += 1
+            try:
+                status, body = await self._post("/v1/completions", payload)
+            finally:
+                self._base_in_flight -= 1
             return self._samples(status, body, model, stop)
         self._in_flight[model] += 1
         self._touch(model)
@@ -150,6 +157,10 @@ class VllmGenerator:
             return self._samples(status, body, model, stop)
         finally:
             self._release(model)
+
+    def pending(self) -> int:
+        """Requests sent to the server and not yet answered."""
+        return sum(self._in_flight.values()) + self._base_in_flight
 
     def stats(self) -> dict:
         return {

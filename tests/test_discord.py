@@ -149,6 +149,10 @@ async def test_user_commands_and_guilds(discord_env, engine):
     _, switched = await fake.wait_for("POST", "/callback", after=at)
     assert "Switched to Sam" in switched["data"]["content"]
     at = len(fake.calls)
+    await fake.slash(ALICE, "learning", [{"name": "choice", "type": 3, "value": "off"}])
+    _, reply = await fake.wait_for("POST", "/callback", after=at)
+    assert "/learning on" in reply["data"]["content"] and engine.store.user("discord:42")["learning_opt_out"] == 1
+    at = len(fake.calls)
     await fake.slash(ALICE, "help")
     _, helped = await fake.wait_for("POST", "/callback", after=at)
     assert "/forget" in helped["data"]["content"] and "👍" in helped["data"]["content"]

@@ -197,3 +197,46 @@ async def test_a_vanished_or_broken_persona_file_falls_back_to_the_default(engin
     assert (await engine.on_message(ALICE, "still there?")).texts
     assert store.user(ALICE.id)["persona"] == "mine"  # the user's choice is kept for when the file returns
     assert dump_card(card)  # the built-in card itself is untouched
+
+
+async def test_a_user_sending_too_fast_is_asked_to_slow_down_and_nothing_is_stored(engine, store, settings):
+    settings.chat.messages_per_minute = 2
+    await engine.on_message(ALICE, "하나")
+    await engine.on_message(ALICE, "둘")
+    with pytest.raises(EngineError) as refused:
+        await engine.on_message(ALICE, "셋")
+    assert refused.value.key == "slow_down" and 1 <= refused.value.params["seconds"] <= 60
+    turns = store.turns(store.active_conversation(ALICE.id)["id"])
+    assert [t["text"] for t in turns if t["role"] == "user"] == ["하나", "둘"]
+    assert (await engine.on_message(BOB, "나는 괜찮지?")).texts  # others are not affected
+
+
+async def test_a_full_model_queue_answers_busy_instead_of_waiting_forever(engine, store, settings):
+    settings.serving.max_queue = 1
+    engine.backend.lock.acquire()  # the model is stuck on a long batch
+    try:
+        alice = asyncio.create_task(engine.on_message(ALICE, "안녕"))
+        for _ in range(100):
+            if engine.generator.pending():
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(EngineError) as refused:
+            await engine.on_message(BOB, "나도 안녕")
+        assert refused.value.key == "busy" and store.user(BOB.id) is None  # refused before anything is stored
+    finally:
+        engine.backend.lock.release()
+    assert (await alice).texts
+    assert (await engine.on_message(BOB, "이제 돼?")).texts
+
+
+async def test_opting_out_of_learning_keeps_chatting_and_keeps_picks_out_of_training(engine, store):
+    offer = await engine.on_message(ALICE, "안녕")
+    await engine.on_pick(ALICE, offer.id, 0)
+    assert engine.learning_enabled(ALICE) and len(list(store.preference_records(ALICE.id))) == 1
+    await engine.set_learning(ALICE, False)
+    assert not engine.learning_enabled(ALICE) and list(store.preference_records(ALICE.id)) == []
+    offer = await engine.on_message(ALICE, "계속 얘기하자")  # chatting goes on
+    await engine.on_pick(ALICE, offer.id, 0)
+    assert store.stats()["picks"] == 2 and list(store.preference_records()) == []
+    await engine.set_learning(ALICE, True)
+    assert len(list(store.preference_records(ALICE.id))) == 2

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from bot.admin import Admin
-from bot.engine import CandidateSet, Notice
+from bot.engine import CandidateSet, Notice, UserRef
 from bot.telegram_bot import (MESSAGE_LIMIT, TelegramCompanion, build_application, offer_text, parse_button,
                               run_telegram)
 from tests.fake_discord import FakeDiscord
@@ -177,6 +177,15 @@ async def test_media_edits_commands_and_blocked_users(telegram_env, engine):
     await fake.send(ALICE, "/persona sam")
     _, reply = await fake.wait_for("sendMessage", after=at)
     assert "Switched to Sam" in reply["text"]
+
+    at = len(fake.calls)
+    await fake.send(ALICE, "/learning off")
+    _, reply = await fake.wait_for("sendMessage", after=at)
+    assert "learn from your picks any more" in reply["text"] and not engine.learning_enabled(UserRef("telegram", "42"))
+    at = len(fake.calls)
+    await fake.send(ALICE, "/learning")
+    _, reply = await fake.wait_for("sendMessage", after=at)
+    assert "/learning on" in reply["text"]
 
     fake.blocked_chats.add(66)
     attempts = len(fake.attempts)
