@@ -7,6 +7,7 @@
     banryeo model prepare             # convert the embedded model once (run does this on first start)
     banryeo config                    # the effective settings (tokens hidden)
     banryeo stats                     # what the database holds
+    banryeo backup /backups           # online backup: database, generations, personas (restore: README)
 
 Learning (admin):
     banryeo train [--lineage ID] [--force]     # run the nightly rollover now
@@ -221,6 +222,29 @@ def cmd_chart(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
+    """An online backup: the database via SQLite's backup API, plus generations and imported personas."""
+    import shutil
+    from datetime import datetime
+
+    from bot.store import Store
+
+    data_dir = settings.storage.data_dir.expanduser()
+    target = args.folder.expanduser() / f"banryeo-{datetime.now():%Y%m%d-%H%M%S}"
+    partial = target.with_name(target.name + ".partial")
+    store = Store(settings.storage.db_path)
+    try:
+        store.backup(partial / "banryeo.db")
+    finally:
+        store.close()
+    for folder in ("generations", "personas"):  # generation folders are immutable once renamed into place
+        if (data_dir / folder).exists():
+            shutil.copytree(data_dir / folder, partial / folder, ignore=shutil.ignore_patterns(".partial-*"))
+    partial.rename(target)
+    print(target)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="banryeo", description="Banryeo (반려지능): a companion that learns from your picks")
     parser.add_argument("--config", type=Path, help="TOML config file (default: ./banryeo.toml when present)")
@@ -255,6 +279,9 @@ def make_parser() -> argparse.ArgumentParser:
     rollback.add_argument("lineage")
     rollback.add_argument("number", nargs="?", type=int)
     rollback.set_defaults(func=cmd_rollback)
+    backup = sub.add_parser("backup", help="consistent backup of the database, generations and personas")
+    backup.add_argument("folder", type=Path, help="where to put banryeo-<date>-<time>/")
+    backup.set_defaults(func=cmd_backup)
     chart = sub.add_parser("chart", help="PNG chart of a lineage's generations")
     chart.add_argument("lineage")
     chart.add_argument("file", type=Path)

@@ -336,6 +336,18 @@ class Store:
                         platform, message_id)
         return row["set_id"] if row else None
 
+    # -- backups ----------------------------------------------------------------------------------
+
+    def backup(self, target: Path) -> None:
+        """A consistent copy of the database while it is in use (SQLite's online backup API)."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        copy = sqlite3.connect(str(target))
+        try:
+            with self._lock:
+                self.db.conn.backup(copy)
+        finally:
+            copy.close()
+
     # -- flags ------------------------------------------------------------------------------------
 
     def flag(self, name: str) -> str | None:
