@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -136,6 +137,7 @@ def main() -> None:
             runs[name].append(job())
     for generator in generators:
         generator.close()
+    shutil.rmtree(work, ignore_errors=True)
 
     print(f"{CANDIDATES} candidates x {NEW_TOKENS} new tokens, prompt {prompt_tokens} tokens"
           f"{f' (llama.cpp: {llama_tokens})' if llama_tokens else ''}, {args.threads} threads, "

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict, SettingsError
 
 EMBEDDED_MODEL = "embedded:gemma3-270m"
 DEFAULT_CONFIG_FILE = Path("banryeo.toml")
@@ -238,6 +238,10 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path)) from None
+    except SettingsError as exc:  # an environment value for a list or table field that is not JSON
+        field = str(exc).split('"')[1] if '"' in str(exc) else "a field"
+        raise ConfigError(f"invalid configuration: the environment value for {field} must be JSON "
+                          f"(e.g. BANRYEO_ADMINS='[\"discord:1234\"]')") from None
     finally:
         _file_values.clear()
 
