@@ -37,7 +37,10 @@ class Admin:
         return {"model": self.settings.model.name, "lineage_mode": self.settings.training.lineage,
                 "learning_paused": self.learning_paused(),
                 "serving": {lineage: self._label(gid) for lineage, gid in serving.items()},
-                "last_rollover": last, "next_rollover": next_run, **self.store.stats()}
+                "last_rollover": last, "next_rollover": next_run,
+                "adapter_errors": {row["name"].removeprefix("adapter_error:"): row["value"] for row in
+                                   self.store.db.query("SELECT * FROM flags WHERE name LIKE 'adapter_error:%'")},
+                **self.store.stats()}
 
     def generations(self, lineage: str) -> list[dict]:
         return self.store.generations(lineage)

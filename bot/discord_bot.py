@@ -321,7 +321,8 @@ def add_commands(tree: app_commands.CommandTree) -> None:
                  f"serving: {status['serving'] or 'base'}",
                  f"learning paused: {status['learning_paused']}",
                  f"last rollover: {(status['last_rollover'] or {}).get('status', '-')}",
-                 f"picks {status['picks']}, users {status['users']}, generations {status['generations']}"]
+                 f"picks {status['picks']}, users {status['users']}, generations {status['generations']}",
+                 *(f"adapter error {name}: {error}" for name, error in status["adapter_errors"].items())]
         await interaction.response.send_message(fit("\n".join(lines)), ephemeral=True)
 
     @tree.command(name="train", description="Admin: run the nightly training now")

@@ -104,6 +104,7 @@ class DialogueEngine:
         self.generator = generator if generator is not None else LocalGenerator(backend, settings.serving)
         self._user_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._recent: defaultdict[str, deque[float]] = defaultdict(deque)  # per user: times of recent requests
+        self._broken: set[str] = set()  # adapters that failed to load; their parents serve instead
 
     def close(self) -> None:
         self.generator.close()
@@ -313,7 +314,7 @@ class DialogueEngine:
         if prompt.shortened_last and not notices:
             newest = history[-1].text
             notices.append(Notice("message_shortened", {"length": len(newest), "limit": len(newest)}))
-        texts, raw, adapter = await self._sample_distinct(prompt, card, self._serving_adapter(user))
+        texts, raw, adapter = await self._sample_distinct(prompt, card, user)
         generation = adapter.name if adapter else self.backend.generation
         wanted = self.settings.sampling.candidates
         if not texts:
@@ -337,19 +338,24 @@ class DialogueEngine:
 
         Read once per request, so a reply is finished on the generation it started with even if a
         newer one is promoted meanwhile; the generator loads it beside the old one when needed.
+        A generation whose adapter failed to load is skipped for its parent (or the base model).
         """
         generation = self.store.serving(lineage_of(user.id, self.settings))
-        if generation is None:
-            return None
-        return AdapterRef(adapter_name(generation), Path(generation["path"]))
+        while generation is not None:
+            ref = AdapterRef(adapter_name(generation), Path(generation["path"]))
+            if ref.name not in self._broken:
+                return ref
+            generation = self.store.generation(generation["parent_id"]) if generation["parent_id"] else None
+        return None
 
-    async def _sample_distinct(self, prompt: Prompt, card: PersonaCard, adapter: AdapterRef | None
+    async def _sample_distinct(self, prompt: Prompt, card: PersonaCard, user: UserRef
                                ) -> tuple[list[str], dict[str, Sample], AdapterRef | None]:
         """Sample until there are N distinct non-empty replies (or the rounds run out).
 
-        An adapter that cannot be served (a missing or corrupt folder) falls back to the base model,
-        and the problem is recorded where admins see it (`/status`, the log).
+        An adapter that cannot be served (a missing or corrupt folder) falls back to the previous
+        generation (or the base model), and the problem is recorded where admins see it (`/status`, the log).
         """
+        adapter = self._serving_adapter(user)
         wanted = self.settings.sampling.candidates
         kept: dict[str, Sample] = {}
         for _ in range(MAX_SAMPLING_ROUNDS):
@@ -358,9 +364,12 @@ class DialogueEngine:
                 samples = await self.generator.sample(prompt.text, missing, self.settings.sampling, prompt.stop,
                                                       adapter)
             except AdapterError as exc:
-                logger.error("serving the base model instead of %s: %s", adapter.name, exc)
+                self._broken.add(adapter.name)
                 self.store.set_flag(f"adapter_error:{adapter.name}", str(exc)[:500])
-                adapter = None
+                fallback = self._serving_adapter(user)
+                logger.error("adapter %s cannot be served (%s); serving %s instead", adapter.name, exc,
+                             fallback.name if fallback else "the base model")
+                adapter = fallback
                 continue
             except Exception:
                 logger.exception("sampling failed")

@@ -366,7 +366,8 @@ class TelegramCompanion:
                  f"serving: {status['serving'] or 'base'}",
                  f"learning paused: {status['learning_paused']}",
                  f"last rollover: {(status['last_rollover'] or {}).get('status', '-')}",
-                 f"picks {status['picks']}, users {status['users']}, generations {status['generations']}"]
+                 f"picks {status['picks']}, users {status['users']}, generations {status['generations']}",
+                 *(f"adapter error {name}: {error}" for name, error in status["adapter_errors"].items())]
         await update.effective_message.reply_text(fit("\n".join(lines)))
 
     async def cmd_train(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:

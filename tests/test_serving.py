@@ -152,14 +152,22 @@ def test_unservable_adapters_are_refused_clearly(tiny_model_dir, adapters, tmp_p
         read_adapter(broken, 16, modules)
 
 
-async def test_a_broken_generation_falls_back_to_the_base_with_an_admin_visible_error(engine, tmp_path):
+async def test_a_broken_generation_falls_back_to_its_parent_with_an_admin_visible_error(engine, adapters, tmp_path):
+    from bot.admin import Admin
+
     alice = UserRef("test", "alice")
     await engine.on_message(alice, "안녕")
-    generation = engine.store.add_generation(alice.id, 1, str(tmp_path / "gone"), None, "promoted", {}, 0)
-    engine.store.set_serving(alice.id, generation)
+    good = engine.store.add_generation(alice.id, 1, str(adapters[0].path), None, "promoted", {}, 0)
+    broken = engine.store.add_generation(alice.id, 2, str(tmp_path / "gone"), good, "promoted", {}, 0)
+    engine.store.set_serving(alice.id, broken)
     offer = await engine.on_message(alice, "아직 있어?")
-    assert offer.generation == "base" and offer.texts
-    assert "missing" in engine.store.flag("adapter_error:user-test-alice-gen-1")
+    assert offer.generation == "user-test-alice-gen-1" and offer.texts  # the previous generation answers
+    errors = Admin(engine.store, engine.settings).status()["adapter_errors"]
+    assert "missing" in errors["user-test-alice-gen-2"]
+    assert (await engine.on_message(alice, "또?")).generation == "user-test-alice-gen-1"  # no retry storm
+    engine.store.set_serving(alice.id, engine.store.add_generation(alice.id, 3, str(tmp_path / "also-gone"),
+                                                                   None, "promoted", {}, 0))
+    assert (await engine.on_message(alice, "이번엔?")).generation == "base"  # no parent left: the base model
 
 
 async def test_int8_weights_serve_adapters_too(tiny_model_dir, adapters):
