@@ -289,6 +289,16 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(verbose: bool = False) -> None:
+    """INFO by default. Tokens and message texts never appear at that level: our own log lines name
+    users and generations, not what they said, and httpx (which logs every Bot API URL, token
+    included) is kept to warnings."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "transformers", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose and noisy == "httpx" else logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     from bot.lineage import GenerationError
     from bot.model import ModelError
@@ -296,10 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     from persona import PersonaError
 
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "transformers", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(args.verbose)
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")  # undecodable input bytes become U+FFFD instead of a crash
     if args.command in ("persona",) and args.action in ("show", "import") and not args.target:
