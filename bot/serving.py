@@ -383,6 +383,7 @@ class LocalGenerator:
         return batch
 
     def _run(self, batch: list[_Request]) -> None:
+        batch = [r for r in batch if r.future.set_running_or_notify_cancel()]  # drop requests nobody awaits
         slots: dict[int, int] = {}
         acquired: list[str] = []
         for i, request in enumerate(batch):
@@ -441,7 +442,7 @@ class LocalGenerator:
                     self.router.set(request_slots, self.serving.max_rank, backend.model.dtype, backend.model.device)
                     cache = self._prefill(ids[:, :-1], mask[:, :-1])
                     cache.batch_select_indices(rows)
-                    kwargs["past_key_values"] = cache
+                    kwargs["cache"] = cache
                 self.router.set(row_slots, self.serving.max_rank, backend.model.dtype, backend.model.device)
                 output = backend.model.generate(input_ids=ids[rows], attention_mask=mask[rows], **kwargs)
             finally:
