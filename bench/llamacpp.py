@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 from pydantic import ValidationError
 
 from bot.config import ModelSettings, SamplingSettings, Settings, load_settings
@@ -31,27 +30,12 @@ from bot.model import ModelBackend, ModelError, prepare_embedded
 from bot.prompt import Turn, build_prompt
 from bot.serving import AdapterRef, LocalGenerator
 from persona import PersonaLibrary
+from random_adapters import make_random_adapters  # bench/random_adapters.py
 
 CANDIDATES, NEW_TOKENS = 3, 40
 SAMPLING = SamplingSettings(temperature=0.9, top_p=0.95, top_k=0, repetition_penalty=1.1,
                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
 Job = Callable[[], tuple[float, int]]  # () -> (seconds, new tokens generated)
-
-
-def make_adapter(model_dir: Path, out: Path) -> Path:
-    """A peft LoRA folder shaped like a nightly generation (r16, all linears) with non-trivial weights."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.01)
-    model.save_pretrained(out)
-    return out
 
 
 def ours(generator: LocalGenerator, loop: asyncio.AbstractEventLoop, prompt: str, adapter: AdapterRef | None) -> Job:
@@ -85,7 +69,8 @@ def main() -> None:
     notes: list[str] = []
     loop = asyncio.new_event_loop()
     work = Path(tempfile.mkdtemp(prefix="banryeo-bench-"))
-    adapter = AdapterRef("user-bench-gen-1", make_adapter(prepare_embedded(settings.model.cache_dir), work / "gen-1"))
+    [folder] = make_random_adapters(prepare_embedded(settings.model.cache_dir), work, 1)
+    adapter = AdapterRef("user-bench-gen-1", folder)
 
     jobs: dict[str, Job] = {}
     generators: list[LocalGenerator] = []

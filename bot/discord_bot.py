@@ -26,11 +26,12 @@ from discord import app_commands
 from bot.admin import Admin
 from bot.config import Settings
 from bot.engine import CandidateSet, DialogueEngine, EngineError, UserRef
-from bot.messages import render
+from bot.messages import NUMBERS, numbered_offer, render
+from bot.messages import fit as fit_within
 
 logger = logging.getLogger(__name__)
 
-PICK_EMOJIS = ("1️⃣", "2️⃣", "3️⃣", "4️⃣", "5️⃣")
+PICK_EMOJIS = NUMBERS
 REGENERATE = "🔄"
 THUMBS = {"👍": 1, "👎": -1}
 MESSAGE_LIMIT = 2000
@@ -42,16 +43,12 @@ def user_ref(author: discord.abc.User) -> UserRef:
 
 
 def fit(text: str, limit: int = MESSAGE_LIMIT) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return fit_within(text, limit)
 
 
 def offer_text(offer: CandidateSet, language: str, notices: list[str]) -> str:
-    """Numbered candidates in one message; each candidate is shortened so the whole fits Discord's limit."""
-    head = "\n".join(notices)
-    room = (MESSAGE_LIMIT - len(head) - 200) // max(len(offer.texts), 1)
-    lines = [f"{PICK_EMOJIS[i]} {fit(text, room)}" for i, text in enumerate(offer.texts)]
-    footer = render("choose_chat", language, count=len(offer.texts))
-    return fit("\n".join(part for part in (head, "\n".join(lines), footer) if part))
+    """Numbered candidates in one message within Discord's 2,000 characters."""
+    return numbered_offer(offer.texts, notices, language, MESSAGE_LIMIT)
 
 
 class PickButton(discord.ui.DynamicItem[discord.ui.Button], template=r"banryeo:pick:(?P<set_id>[0-9a-f]+):(?P<index>\d+)"):

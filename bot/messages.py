@@ -230,3 +230,21 @@ def render(key: str, language: str | None, **params: object) -> str:
     """The message `key` in `language` (Korean when unknown), filled with `params`."""
     texts = MESSAGES[key]
     return texts.get(language or "ko", texts["ko"]).format(**params)
+
+
+NUMBERS = ("1️⃣", "2️⃣", "3️⃣", "4️⃣", "5️⃣")
+
+
+def fit(text: str, limit: int) -> str:
+    """`text`, cut with an ellipsis when it is longer than `limit` characters."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def numbered_offer(texts: list[str], notices: list[str], language: str | None, limit: int, gap: str = "\n") -> str:
+    """Candidates numbered 1️⃣…, notices above, the "pick one" line below; each candidate is shortened so
+    the whole message stays within a platform's `limit`."""
+    head = "\n".join(notices)
+    room = (limit - len(head) - 200) // max(len(texts), 1)
+    lines = [f"{NUMBERS[i]} {fit(text, room)}" for i, text in enumerate(texts)]
+    footer = render("choose_chat", language, count=len(texts))
+    return fit(gap.join(part for part in (head, gap.join(lines), footer) if part), limit)

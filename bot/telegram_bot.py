@@ -39,13 +39,13 @@ from telegram.ext import (AIORateLimiter, Application, ApplicationBuilder, Callb
 from bot.admin import Admin
 from bot.config import ConfigError, Settings
 from bot.engine import CandidateSet, DialogueEngine, EngineError, UserRef
-from bot.messages import render
+from bot.messages import NUMBERS, numbered_offer, render
+from bot.messages import fit as fit_within
 
 logger = logging.getLogger(__name__)
 
 PLATFORM = "telegram"
 MESSAGE_LIMIT = MessageLimit.MAX_TEXT_LENGTH  # 4,096 characters
-NUMBERS = ("1️⃣", "2️⃣", "3️⃣", "4️⃣", "5️⃣")
 TYPING_EVERY = 4.0  # seconds; Telegram shows "typing…" for about five
 
 USER_COMMANDS = {  # command: (English, Korean) descriptions for setMyCommands
@@ -73,7 +73,7 @@ def user_ref(user: TelegramUser) -> UserRef:
 
 
 def fit(text: str, limit: int = MESSAGE_LIMIT) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return fit_within(text, limit)
 
 
 # -- button data ----------------------------------------------------------------------------------
@@ -111,12 +111,8 @@ def thumbs_keyboard(set_id: str) -> InlineKeyboardMarkup:
 
 
 def offer_text(offer: CandidateSet, language: str, notices: list[str]) -> str:
-    """Numbered candidates in one message, each shortened so the whole fits Telegram's limit."""
-    head = "\n".join(notices)
-    room = (MESSAGE_LIMIT - len(head) - 200) // max(len(offer.texts), 1)
-    lines = [f"{NUMBERS[i]} {fit(text, room)}" for i, text in enumerate(offer.texts)]
-    footer = render("choose_chat", language, count=len(offer.texts))
-    return fit("\n\n".join(part for part in (head, "\n\n".join(lines), footer) if part))
+    """Numbered candidates in one message within Telegram's 4,096 characters."""
+    return numbered_offer(offer.texts, notices, language, MESSAGE_LIMIT, gap="\n\n")
 
 
 # -- the handlers ---------------------------------------------------------------------------------
@@ -155,10 +151,15 @@ class TelegramCompanion:
             return
         user = user_ref(update.effective_user)
         text = update.effective_message.text.replace(f"@{context.bot.username}", "").strip()
+        await self.answer_with_offer(update, context, user, self.engine.on_message(user, text))
+
+    async def answer_with_offer(self, update: Update, context: ContextTypes.DEFAULT_TYPE, user: UserRef,
+                                request) -> None:
+        """Show "typing…" while the engine samples, then the offer (or the engine's clear answer)."""
         chat_id = update.effective_chat.id
         try:
             async with typing(context, chat_id):
-                offer = await self.engine.on_message(user, text)
+                offer = await request
         except EngineError as exc:
             await update.effective_message.reply_text(render(exc.key, self.language(user), **exc.params))
             return
@@ -277,14 +278,7 @@ class TelegramCompanion:
         if not self.addressed(update, context):
             return
         user = user_ref(update.effective_user)
-        chat_id = update.effective_chat.id
-        try:
-            async with typing(context, chat_id):
-                offer = await self.engine.regenerate(user)
-        except EngineError as exc:
-            await update.effective_message.reply_text(render(exc.key, self.language(user), **exc.params))
-            return
-        await self.send_offer(context, chat_id, user, offer)
+        await self.answer_with_offer(update, context, user, self.engine.regenerate(user))
 
     async def cmd_persona(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not self.addressed(update, context):

@@ -14,7 +14,6 @@ catches up once when it starts (when the last run is older than the last schedul
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sys

@@ -4,7 +4,6 @@ import asyncio
 
 import discord
 import pytest
-import yarl
 
 from bot.admin import Admin
 from bot.discord_bot import PICK_EMOJIS, REGENERATE, create_discord_bot

@@ -1,7 +1,6 @@
 """The dialogue engine end to end on the tiny random model and a real SQLite file."""
 
 import asyncio
-import threading
 
 import pytest
 

@@ -3,7 +3,6 @@ database is busy. After a restart nothing stored is lost or doubled and the serv
 (A kill in the middle of training is in test_rollover.py.)
 """
 
-import asyncio
 import os
 import signal
 import sqlite3

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.engine import DialogueEngine, UserRef
+from bot.engine import UserRef
 from training.rollover import EXIT_BUSY, RolloverBusy, lineage_dir, rollback, rollover_lock, run_rollover
 
 ALICE = UserRef("test", "alice")
