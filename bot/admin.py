@@ -42,6 +42,17 @@ class Admin:
                                    self.store.db.query("SELECT * FROM flags WHERE name LIKE 'adapter_error:%'")},
                 **self.store.stats()}
 
+    def status_text(self) -> str:
+        """`status()` as the few lines the platforms' /status command shows."""
+        status = self.status()
+        lines = [f"model: {status['model']} ({status['lineage_mode']})",
+                 f"serving: {status['serving'] or 'base'}",
+                 f"learning paused: {status['learning_paused']}",
+                 f"last rollover: {(status['last_rollover'] or {}).get('status', '-')}",
+                 f"picks {status['picks']}, users {status['users']}, generations {status['generations']}",
+                 *(f"adapter error {name}: {error}" for name, error in status["adapter_errors"].items())]
+        return "\n".join(lines)
+
     def generations(self, lineage: str) -> list[dict]:
         return self.store.generations(lineage)
 

@@ -313,14 +313,7 @@ def add_commands(tree: app_commands.CommandTree) -> None:
         if await refuse_non_admin(interaction):
             return
         bot, _, _ = engine_of(interaction)
-        status = bot.admin.status()
-        lines = [f"model: {status['model']} ({status['lineage_mode']})",
-                 f"serving: {status['serving'] or 'base'}",
-                 f"learning paused: {status['learning_paused']}",
-                 f"last rollover: {(status['last_rollover'] or {}).get('status', '-')}",
-                 f"picks {status['picks']}, users {status['users']}, generations {status['generations']}",
-                 *(f"adapter error {name}: {error}" for name, error in status["adapter_errors"].items())]
-        await interaction.response.send_message(fit("\n".join(lines)), ephemeral=True)
+        await interaction.response.send_message(fit(bot.admin.status_text()), ephemeral=True)
 
     @tree.command(name="train", description="Admin: run the nightly training now")
     async def train_command(interaction: discord.Interaction) -> None:

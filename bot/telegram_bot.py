@@ -355,14 +355,7 @@ class TelegramCompanion:
     async def cmd_status(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not await self.admin_only(update, context):
             return
-        status = self.admin.status()
-        lines = [f"model: {status['model']} ({status['lineage_mode']})",
-                 f"serving: {status['serving'] or 'base'}",
-                 f"learning paused: {status['learning_paused']}",
-                 f"last rollover: {(status['last_rollover'] or {}).get('status', '-')}",
-                 f"picks {status['picks']}, users {status['users']}, generations {status['generations']}",
-                 *(f"adapter error {name}: {error}" for name, error in status["adapter_errors"].items())]
-        await update.effective_message.reply_text(fit("\n".join(lines)))
+        await update.effective_message.reply_text(fit(self.admin.status_text()))
 
     async def cmd_train(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not await self.admin_only(update, context):
