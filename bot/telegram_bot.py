@@ -431,15 +431,20 @@ class TelegramCompanion:
 
 @asynccontextmanager
 async def typing(context: ContextTypes.DEFAULT_TYPE, chat_id: int):
-    """Keep "typing…" showing while the block runs."""
+    """Keep "typing…" showing while the block runs (the first one is sent before the block starts,
+    so even a reply that is ready at once never arrives before its own "typing…")."""
+    async def show_typing() -> None:
+        try:
+            await context.bot.send_chat_action(chat_id, ChatAction.TYPING)
+        except TelegramError as exc:
+            logger.debug("typing indicator failed: %s", exc)
+
     async def keep_typing() -> None:
         while True:
-            try:
-                await context.bot.send_chat_action(chat_id, ChatAction.TYPING)
-            except TelegramError as exc:
-                logger.debug("typing indicator failed: %s", exc)
             await asyncio.sleep(TYPING_EVERY)
+            await show_typing()
 
+    await show_typing()
     task = asyncio.create_task(keep_typing())
     try:
         yield

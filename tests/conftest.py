@@ -73,6 +73,7 @@ def settings(tmp_path, tiny_model_dir, monkeypatch) -> Settings:
         model={"name": str(tiny_model_dir), "dtype": "float32", "prompt_format": "transcript", "seed": 1},
         storage={"data_dir": tmp_path / "data"},
         sampling={"max_new_tokens": 12},
+        chat={"messages_per_minute": 1000},  # tests type faster than people; rate-limit tests lower it
     )
 
 

@@ -117,6 +117,7 @@ class FakeTelegram:
         self.allowed_updates: list[str] | None = None
         self.blocked_chats: set[int] = set()    # users who blocked the bot / groups it was removed from: 403
         self.rate_limit_next: dict[str, int] = {}  # method name -> how many 429s to answer first
+        self.outage = False                                           # True: every call gets 502
         self._arrived = asyncio.Condition()        # wakes long-polling getUpdates
         self._closing = False
         self._update_ids = itertools.count(1)
@@ -304,6 +305,8 @@ class FakeTelegram:
                 raise ApiError(401, "Unauthorized")
             if handler is None:
                 raise ApiError(404, "Not Found")
+            if self.outage:  # the Bot API unreachable behind its proxy, as in a network outage
+                raise ApiError(502, "Bad Gateway")
             if self.rate_limit_next.get(method, 0) > 0:
                 self.rate_limit_next[method] -= 1
                 raise ApiError(429, "Too Many Requests: retry after 1", {"retry_after": 1})

@@ -296,6 +296,21 @@ async def test_rate_limits_are_waited_out(telegram_env, engine):
     assert buttons(offer) and any(status == 429 for _, _, status in fake.attempts[attempts:])
 
 
+async def test_polling_survives_an_outage_and_nothing_sent_meanwhile_is_lost(telegram_env, engine):
+    fake = telegram_env
+    fake.outage = True
+    attempts = len(fake.attempts)
+    await fake.send(ALICE, "끊겼을 때 보낸 말")  # waits in Telegram's queue while the bot cannot reach it
+    for _ in range(2):  # the bot keeps polling through the failures
+        attempts, _, status = await fake.wait_attempt("getUpdates", after=attempts, timeout=30)
+        assert status == 502
+        attempts += 1
+    fake.outage = False
+    _, offer = await next_offer(fake, len(fake.calls))
+    assert buttons(offer)
+    assert [r[0] for r in engine.store.db.execute("SELECT text FROM turns WHERE role = 'user'")] == ["끊겼을 때 보낸 말"]
+
+
 def test_offers_fit_telegrams_message_limit():
     offer = CandidateSet("abc", ["가" * 5000, "나" * 3000, "다"], [Notice("fewer_candidates", {"count": 3})])
     text = offer_text(offer, "en", ["Your message was long."])
