@@ -1,11 +1,16 @@
 """Time "3 candidates x 40 new tokens" with a LoRA adapter active: Banryeo's serving path against llama.cpp.
 
-    python bench/llamacpp.py                                 # bfloat16, all cores, 3 repeats
+    python bench/llamacpp.py                                 # int8, all cores, 3 repeats
     python bench/llamacpp.py --dtypes float32,bfloat16,int8 --threads 2 --repeats 5
 
 Banryeo samples through `LocalGenerator` (one batched request of 3 rows, a random r16 all-linear
-adapter resident and active) and, for reference, without an adapter. llama.cpp runs the GGUF file the
-embedded model is converted from, with the same thread count; it needs `pip install llama-cpp-python`
+adapter resident and active): once with the adapter merged into a copy of the weights (what a batch
+that needs one adapter alone gets once the worker has merged it while idle), once through the slot bank
+(what mixed batches use; `serving.merged_adapters = 0`), and, for reference, without an adapter. The
+persona prefix of the prompt is cached as the engine does it (`serving.prefix_cache`); one row goes
+without it. llama.cpp runs once from an empty KV cache and once with the same prefix already evaluated
+(its own prompt cache), and each of ours is compared with the like one.
+llama.cpp runs the GGUF file the embedded model is converted from, with the same thread count; it needs `pip install llama-cpp-python`
 (for this benchmark only, not a Banryeo dependency). Every engine is timed alternately in one run, so
 machine noise hits all of them; the medians and the ratio (ours / llama.cpp per token, lower is
 better) are the numbers to read.
@@ -38,18 +43,21 @@ SAMPLING = SamplingSettings(temperature=0.9, top_p=0.95, top_k=0, repetition_pen
 Job = Callable[[], tuple[float, int]]  # () -> (seconds, new tokens generated)
 
 
-def ours(generator: LocalGenerator, loop: asyncio.AbstractEventLoop, prompt: str, adapter: AdapterRef | None) -> Job:
+def ours(generator: LocalGenerator, loop: asyncio.AbstractEventLoop, prompt: str, adapter: AdapterRef | None,
+         prefix: str) -> Job:
     def job() -> tuple[float, int]:
         started = time.perf_counter()
-        samples = loop.run_until_complete(generator.sample(prompt, CANDIDATES, SAMPLING, [], adapter))
+        samples = loop.run_until_complete(generator.sample(prompt, CANDIDATES, SAMPLING, [], adapter, prefix))
         return time.perf_counter() - started, sum(s.new_tokens for s in samples)
     return job
 
 
-def llama_cpp_job(llm, prompt: str) -> Job:
+def llama_cpp_job(llm, prompt: str, prefix: str) -> Job:
     def job() -> tuple[float, int]:
+        llm.reset()  # a new reply starts from a prompt not yet in the KV cache, as in serving ...
+        if prefix:   # ... except the persona prefix, when the comparison gives llama.cpp its own prefix cache
+            llm.eval(llm.tokenize(prefix.encode())[:-1])
         started, tokens = time.perf_counter(), 0
-        llm.reset()  # a new reply starts from a prompt not yet in the KV cache, as in serving
         for i in range(CANDIDATES):  # create_completion has no n > 1: one completion after another
             out = llm.create_completion(prompt, max_tokens=NEW_TOKENS, temperature=SAMPLING.temperature,
                                         top_p=SAMPLING.top_p, top_k=0, min_p=0.0,
@@ -61,7 +69,7 @@ def llama_cpp_job(llm, prompt: str) -> Job:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtypes", type=str, default="bfloat16", help="comma-separated, e.g. float32,bfloat16,int8")
+    parser.add_argument("--dtypes", type=str, default="int8", help="comma-separated, e.g. float32,bfloat16,int8")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -79,7 +87,7 @@ def main() -> None:
         try:
             model_settings = ModelSettings.model_validate(
                 {**settings.model.model_dump(), "dtype": dtype, "threads": args.threads, "adapter": None})
-            backend = ModelBackend.load(model_settings)
+            backend, slot_bank_backend = [ModelBackend.load(model_settings) for _ in range(2)]
         except ValidationError:
             notes.append(f"skipped dtype {dtype!r}: not accepted by ModelSettings.dtype")
             continue
@@ -91,10 +99,13 @@ def main() -> None:
             prompt = build_prompt(card, [Turn("char", card.greetings[0]), Turn("user", "오늘 너무 피곤했어. 저녁 뭐 먹지?")],
                                   count_tokens=backend.count_tokens, budget=settings.chat.max_context_tokens)
             prompt_tokens = len(backend.tokenizer(prompt.text, add_special_tokens=not backend.use_chat_template).input_ids)
-        generator = LocalGenerator(backend, settings.serving)
-        generators.append(generator)
-        jobs[f"banryeo {dtype} + LoRA"] = ours(generator, loop, prompt.text, adapter)
-        jobs[f"banryeo {dtype} (no adapter)"] = ours(generator, loop, prompt.text, None)
+        merged = LocalGenerator(backend, settings.serving.model_copy(update={"merged_adapters": 1}))
+        slot_bank = LocalGenerator(slot_bank_backend, settings.serving.model_copy(update={"merged_adapters": 0}))
+        generators += [merged, slot_bank]
+        jobs[f"banryeo {dtype} + LoRA merged"] = ours(merged, loop, prompt.text, adapter, prompt.prefix)
+        jobs[f"banryeo {dtype} + LoRA merged, no prefix cache"] = ours(merged, loop, prompt.text, adapter, "")
+        jobs[f"banryeo {dtype} + LoRA slot bank"] = ours(slot_bank, loop, prompt.text, adapter, prompt.prefix)
+        jobs[f"banryeo {dtype} (no adapter)"] = ours(merged, loop, prompt.text, None, prompt.prefix)
     if prompt is None:
         raise SystemExit("no usable dtype given")
 
@@ -106,7 +117,8 @@ def main() -> None:
         llm = Llama(model_path=str(packaged.assemble()), n_threads=args.threads, n_threads_batch=args.threads,
                     n_ctx=2048, seed=1, verbose=False)
         llama_tokens = len(llm.tokenize(prompt.text.encode()))
-        jobs["llama.cpp Q4_K_M (no adapter)"] = llama_cpp_job(llm, prompt.text)
+        jobs["llama.cpp (no adapter)"] = llama_cpp_job(llm, prompt.text, "")
+        jobs["llama.cpp, prefix cached (no adapter)"] = llama_cpp_job(llm, prompt.text, prompt.prefix)
         notes.append(f"llama-cpp-python {llama_version}: {CANDIDATES} sequential completions (no n > 1 batching; "
                      "the prompt is evaluated once per job and reused by the 2nd and 3rd), base GGUF without the adapter "
                      "(a peft adapter needs conversion to GGUF first), so the comparison is conservative for us")
@@ -116,6 +128,12 @@ def main() -> None:
 
     for job in jobs.values():  # warm-up (also loads the adapter into its slot)
         job()
+    for generator in generators:  # the merged generator folds the adapter in while idle after its warm-up
+        while generator.serving.merged_adapters and not generator.stats()["merged"]:
+            time.sleep(0.05)
+        if generator.stats()["merges"]:
+            notes.append(f"merging the adapter into a copy of the {generator.backend.model.dtype} weights took "
+                         f"{generator.stats()['merge_seconds']:.2f} s (once, while the worker was idle)")
     runs: dict[str, list[tuple[float, int]]] = {name: [] for name in jobs}
     for _ in range(args.repeats):
         for name, job in jobs.items():
@@ -127,16 +145,19 @@ def main() -> None:
     print(f"{CANDIDATES} candidates x {NEW_TOKENS} new tokens, prompt {prompt_tokens} tokens"
           f"{f' (llama.cpp: {llama_tokens})' if llama_tokens else ''}, {args.threads} threads, "
           f"{args.repeats} repeats alternated (median)")
-    print(f"  {'engine':32} {'job s':>7} {'tokens':>7} {'tokens/s':>9}")
+    print(f"  {'engine':46} {'job s':>7} {'tokens':>7} {'tokens/s':>9}")
     per_token: dict[str, float] = {}
     for name, results in runs.items():
         per_token[name] = statistics.median(t / max(n, 1) for t, n in results)
         wall, tokens = statistics.median(t for t, _ in results), statistics.median(n for _, n in results)
-        print(f"  {name:32} {wall:7.2f} {tokens:7.0f} {1 / per_token[name]:9.1f}")
-    reference = per_token.get("llama.cpp Q4_K_M (no adapter)")
-    if reference:
-        for name in (n for n in per_token if n.endswith("+ LoRA")):
-            print(f"  ratio {name} / llama.cpp: {per_token[name] / reference:.2f}  (per token; target <= 1.0)")
+        print(f"  {name:46} {wall:7.2f} {tokens:7.0f} {1 / per_token[name]:9.1f}")
+    cold, warm = per_token.get("llama.cpp (no adapter)"), per_token.get("llama.cpp, prefix cached (no adapter)")
+    if cold and warm:
+        for name in (n for n in per_token if "+ LoRA" in n):
+            # like with like: each side with or without its persona-prefix cache
+            reference = cold if "no prefix cache" in name else warm
+            print(f"  ratio {name} / llama.cpp{'' if reference is cold else ', prefix cached'}: "
+                  f"{per_token[name] / reference:.2f}  (per token; target <= 1.0)")
     for note in notes:
         print(f"  note: {note}")
 

@@ -23,7 +23,7 @@ import torch
 from random_adapters import make_random_adapters  # bench/random_adapters.py
 from bot.config import SamplingSettings, ServingSettings, load_settings
 from bot.model import ModelBackend, resolve_model_path
-from bot.prompt import Turn, build_prompt
+from bot.prompt import Prompt, Turn, build_prompt
 from bot.serving import AdapterRef, LocalGenerator
 from persona import PersonaLibrary
 
@@ -31,15 +31,15 @@ MESSAGES = ["오늘 너무 피곤했어", "저녁 뭐 먹지?", "주말에 뭐 �
             "비 온다", "운동 가기 싫어", "새 노트북 샀어"]
 
 
-async def run_ours(generator: LocalGenerator, prompts: list[str], adapters: list[AdapterRef | None],
+async def run_ours(generator: LocalGenerator, prompts: list[Prompt], adapters: list[AdapterRef | None],
                    sampling: SamplingSettings) -> float:
     started = time.perf_counter()
-    await asyncio.gather(*(generator.sample(p, 1, sampling, [], a) for p, a in zip(prompts, adapters)))
+    await asyncio.gather(*(generator.sample(p.text, 1, sampling, [], a, p.prefix) for p, a in zip(prompts, adapters)))
     return time.perf_counter() - started
 
 
-def run_peft(backend: ModelBackend, prompts: list[str], names: list[str], sampling: SamplingSettings) -> float:
-    inputs = backend.tokenizer(prompts, return_tensors="pt", padding=True)
+def run_peft(backend: ModelBackend, prompts: list[Prompt], names: list[str], sampling: SamplingSettings) -> float:
+    inputs = backend.tokenizer([p.text for p in prompts], return_tensors="pt", padding=True)
     started = time.perf_counter()
     with torch.inference_mode():
         backend.model.generate(**inputs, adapter_names=names, do_sample=True, temperature=sampling.temperature,
@@ -64,7 +64,7 @@ async def main() -> None:
     generator = LocalGenerator(ours, ServingSettings(max_adapters=args.rows, batch_window_ms=50,
                                                      max_batch_rows=args.rows))
     prompts = [build_prompt(card, [Turn("user", MESSAGES[i % len(MESSAGES)])], count_tokens=ours.count_tokens,
-                            budget=1024).text for i in range(args.rows)]
+                            budget=1024) for i in range(args.rows)]
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_random_adapters(resolve_model_path(settings.model), Path(tmp), args.rows)
         refs = [AdapterRef(f"user-bench{i}-gen-1", p) for i, p in enumerate(paths)]

@@ -362,7 +362,7 @@ class DialogueEngine:
             missing = wanted - len(kept)
             try:
                 samples = await self.generator.sample(prompt.text, missing, self.settings.sampling, prompt.stop,
-                                                      adapter)
+                                                      adapter, prompt.prefix)
             except AdapterError as exc:
                 self._broken.add(adapter.name)
                 self.store.set_flag(f"adapter_error:{adapter.name}", str(exc)[:500])

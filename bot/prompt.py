@@ -15,6 +15,7 @@ Instruct models get the same content through their tokenizer's chat template.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Literal
@@ -41,6 +42,7 @@ class Prompt:
     dropped_turns: int = 0         # oldest history turns left out to fit the budget
     tokens: int = 0
     shortened_last: bool = False   # the newest turn had to be cut to fit the budget
+    prefix: str = ""               # the start of `text` every chat with this persona shares (persona, examples)
 
 
 def shorten(text: str, limit: int) -> tuple[str, bool]:
@@ -70,15 +72,21 @@ def build_prompt(card: PersonaCard, history: list[Turn], *, count_tokens: Callab
             if with_examples and examples:
                 system += "\n\n" + "\n\n".join(examples)
             messages = [{"role": "system", "content": system}, *_chat_messages(turns)]
-            return Prompt(chat_template(messages), [], messages)
+            try:  # the system part alone, rendered: its common start with the whole is shared by every chat
+                system_only = chat_template(messages[:1])
+            except Exception:  # some templates insist on a user turn
+                system_only = ""
+            text = chat_template(messages)
+            return Prompt(text, [], messages, prefix=os.path.commonprefix([text, system_only]))
         lines = [persona_text, ""]
         if with_examples:
             for example in examples:
                 lines += [example, ""]
+        prefix = "\n".join(lines) + "\n"
         lines += [f"{_label(t.role, card, user)}: {one_line(t.text)}" for t in turns]
         lines.append(f"{card.name}:")
         messages = [{"role": "system", "content": persona_text}, *_chat_messages(turns)]
-        return Prompt("\n".join(lines), ["\n"], messages)
+        return Prompt("\n".join(lines), ["\n"], messages, prefix=prefix)
 
     # Count each turn once (linear in the history), then check the real total and trim if needed.
     turn_cost = [count_tokens(f"{_label(t.role, card, user)}: {one_line(t.text)}") + _TURN_OVERHEAD for t in history]

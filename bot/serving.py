@@ -3,7 +3,8 @@
     generator = LocalGenerator(backend, settings.serving)          # or VllmGenerator (bot/vllm_backend.py)
     samples = await generator.sample(prompt, 3, settings.sampling, ["\\n"], AdapterRef(name, path))
 
-Every generator has the same interface: `sample` is awaited from the event loop and never blocks
+`prefix` (optional) is the start of the prompt that many chats share, the persona and its example
+dialogue: its KV cache is computed once per adapter and reused. Every generator has the same interface: `sample` is awaited from the event loop and never blocks
 it; the adapter a request uses is fixed when the request is made (an `AdapterRef`, or None for the
 base model), so a promotion in the middle of a reply never changes the weights it is sampled with.
 """
@@ -11,6 +12,7 @@ base model), so a promotion in the middle of a reply never changes the weights i
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import json
 import logging
@@ -48,7 +50,7 @@ class AdapterError(Exception):
 
 class Generator(Protocol):
     async def sample(self, prompt: str, n: int, sampling: SamplingSettings, stop: list[str],
-                     adapter: AdapterRef | None) -> list[Sample]: ...
+                     adapter: AdapterRef | None, prefix: str = "") -> list[Sample]: ...
 
     def stats(self) -> dict: ...
 
@@ -66,11 +68,16 @@ class LoraRouter:
         self.plan: BatchPlan | None = None
         self._versions = itertools.count(1)
 
-    def set(self, row_slots: list[int], rank: int, dtype: torch.dtype, device: torch.device) -> None:
-        """`row_slots[i]` is the slot of batch row i, or -1 for the base model."""
+    def set(self, row_slots: list[int], rank: int, dtype: torch.dtype, device: torch.device,
+            merged: frozenset[int] = frozenset()) -> None:
+        """`row_slots[i]` is the slot of batch row i, or -1 for the base model; `merged` are the slots
+        whose weights are folded into a copy of the layers (used when a batch needs that slot alone)."""
         active = sorted({s for s in row_slots if s >= 0})
         if not active:
             self.plan = None
+            return
+        if len(active) == 1 and -1 not in row_slots and active[0] in merged:
+            self.plan = BatchPlan(next(self._versions), torch.tensor(active, device=device), None, active[0])
             return
         mask = None
         if len(active) > 1 or any(s < 0 for s in row_slots):
@@ -92,6 +99,7 @@ class BatchPlan:
     version: int
     slots: torch.Tensor          # the K distinct slots in this batch
     mask: torch.Tensor | None    # None: every row uses the single active slot
+    merged: int | None = None    # every row uses this slot, whose merged layers are ready
 
 
 class MultiLoraLinear(nn.Module):
@@ -99,6 +107,8 @@ class MultiLoraLinear(nn.Module):
 
     The K slots a batch uses are concatenated once per batch into A [in, K*r] and B [K*r, out], so a
     step costs two small matmuls and a mask whatever the mix of users, instead of a loop over adapters.
+    A batch that needs one adapter alone runs on a merged copy of the layer when one is ready (`merged`,
+    filled by `AdapterCache.merge`): then the adapter costs nothing per token.
     """
 
     def __init__(self, base: nn.Module, slots: int, rank: int, router: LoraRouter):
@@ -116,12 +126,15 @@ class MultiLoraLinear(nn.Module):
         self._version = 0
         self._a: torch.Tensor | None = None
         self._b: torch.Tensor | None = None
+        self.merged: dict[int, nn.Module] = {}  # slot -> this layer with that slot's update folded in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         plan = self.router.plan
         if plan is None:
-            return y
+            return self.base(x)
+        if plan.merged is not None:
+            return self.merged[plan.merged](x)
+        y = self.base(x)
         if self._version != plan.version:
             k = len(plan.slots)
             self._a = self.lora_a[plan.slots].permute(1, 0, 2).reshape(self.base.in_features, k * self.rank)
@@ -131,6 +144,29 @@ class MultiLoraLinear(nn.Module):
         if plan.mask is not None:
             xa = xa * plan.mask
         return y + xa @ self._b
+
+
+def merged_layer(base: nn.Module, a: torch.Tensor, b: torch.Tensor) -> nn.Module:
+    """A copy of `base` with the LoRA update x·A·B folded into its weight (dynamic int8 layers are
+    quantised again the way `quantize_dynamic` does it: symmetric, per tensor or per channel)."""
+    delta = (a.float() @ b.float()).T  # [out, in]
+    if isinstance(base, nn.Linear):
+        merged = torch.nn.utils.skip_init(nn.Linear, base.in_features, base.out_features, bias=base.bias is not None,
+                                          device=base.weight.device, dtype=base.weight.dtype)
+        merged.weight.copy_((base.weight.float() + delta.to(base.weight.device)).to(base.weight.dtype))
+        if base.bias is not None:
+            merged.bias.copy_(base.bias)
+        return merged
+    old = base.weight()
+    weight = old.dequantize() + delta
+    if old.qscheme() in (torch.per_channel_symmetric, torch.per_channel_affine):
+        scales = (weight.abs().amax(dim=1) / 127.5).clamp(min=1e-8).double()
+        qweight = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
+    else:
+        qweight = torch.quantize_per_tensor(weight, max(weight.abs().max().item() / 127.5, 1e-8), 0, torch.qint8)
+    merged = torch.ao.nn.quantized.dynamic.Linear(base.in_features, base.out_features, dtype=torch.qint8)
+    merged.set_weight_bias(qweight, base.bias())
+    return merged
 
 
 def install_multi_lora(model: nn.Module, slots: int, rank: int) -> tuple[LoraRouter, dict[str, MultiLoraLinear]]:
@@ -157,15 +193,18 @@ class AdapterCache:
     Only the model worker thread calls this.
     """
 
-    def __init__(self, layers: dict[str, MultiLoraLinear], slots: int, rank: int):
+    def __init__(self, layers: dict[str, MultiLoraLinear], slots: int, rank: int, merged: int = 0):
         self.layers = layers
         self.rank = rank
         self.free = list(range(slots - 1, -1, -1))
         self.slot_of: OrderedDict[str, int] = OrderedDict()   # resident adapters, least recently used first
         self.refs: Counter[str] = Counter()
         self.superseded: set[str] = set()
-        self.loads = self.evictions = 0
-        self.load_seconds = 0.0
+        self.max_merged = merged
+        self.merged: OrderedDict[str, None] = OrderedDict()   # adapters with merged layers, oldest first
+        self.merge_wanted: str | None = None                  # the adapter last used alone in a batch
+        self.loads = self.evictions = self.merges = 0
+        self.load_seconds = self.merge_seconds = 0.0
 
     def acquire(self, ref: AdapterRef) -> int:
         if ref.name in self.slot_of:
@@ -198,10 +237,44 @@ class AdapterCache:
         evictable = sum(1 for n in self.slot_of if self.refs[n] == 0 and n not in names)
         return len(missing) <= len(self.free) + evictable
 
+    def merged_slots(self) -> frozenset[int]:
+        return frozenset(self.slot_of[name] for name in self.merged)
+
+    def wants_merge(self) -> bool:
+        name = self.merge_wanted
+        return self.max_merged > 0 and name is not None and name in self.slot_of and name not in self.merged
+
+    def merge(self, name: str) -> None:
+        """Fold a resident adapter into merged copies of every layer (the oldest merged one is dropped
+        beyond `max_merged`). Costs about one pass over the weights; the worker does it while idle."""
+        started = time.perf_counter()
+        slot = self.slot_of[name]
+        while len(self.merged) >= self.max_merged:
+            self._drop_merged(next(iter(self.merged)))
+        with torch.no_grad():
+            for layer in self.layers.values():
+                layer.merged[slot] = merged_layer(layer.base, layer.lora_a[slot], layer.lora_b[slot])
+        self.merged[name] = None
+        if self.merge_wanted == name:
+            self.merge_wanted = None
+        self.merges += 1
+        self.merge_seconds += time.perf_counter() - started
+
+    def _drop_merged(self, name: str) -> None:
+        if name in self.merged:
+            del self.merged[name]
+            slot = self.slot_of[name]
+            for layer in self.layers.values():
+                layer.merged.pop(slot, None)
+
+    def _unload(self, name: str) -> int:
+        self._drop_merged(name)
+        self.superseded.discard(name)
+        return self.slot_of.pop(name)
+
     def _maybe_free(self, name: str) -> None:
         if name in self.superseded and self.refs[name] == 0 and name in self.slot_of:
-            self.free.append(self.slot_of.pop(name))
-            self.superseded.discard(name)
+            self.free.append(self._unload(name))
             self.evictions += 1
 
     def _free_slot(self) -> int:
@@ -210,8 +283,7 @@ class AdapterCache:
         for name in self.slot_of:  # least recently used first
             if self.refs[name] == 0:
                 self.evictions += 1
-                self.superseded.discard(name)
-                return self.slot_of.pop(name)
+                return self._unload(name)
         raise AdapterError("every adapter slot is in use")  # callers check can_take first
 
     def _load(self, ref: AdapterRef, slot: int) -> None:
@@ -220,6 +292,7 @@ class AdapterCache:
         with torch.no_grad():
             for name, layer in self.layers.items():
                 a, b = weights.get(name, (None, None))
+                layer.merged.pop(slot, None)
                 layer.lora_a[slot].zero_()
                 layer.lora_b[slot].zero_()
                 if a is not None:
@@ -270,6 +343,30 @@ def read_adapter(path: Path, max_rank: int, modules: set[str]) -> dict[str, tupl
     return weights
 
 
+def left_padded_batch(caches: list, width: int):
+    """One batch KV cache from per-request caches of different lengths, left-padded to `width`
+    positions the way a batched prefill of left-padded prompts stores them (the attention mask hides
+    the padding). A request with nothing to prefill (a one-token prompt) is None: all padding."""
+    template = next(c for c in caches if c is not None)
+    for index, layer in enumerate(template.layers):
+        sliding = getattr(layer, "sliding_window", None)
+        stored = min(width, sliding - 1) if sliding else width  # a sliding layer keeps its last window only
+        keys, values = [], []
+        for cache in caches:
+            if cache is None:
+                k = layer.keys.new_zeros(*layer.keys.shape[:2], 0, layer.keys.shape[-1])
+                v = layer.values.new_zeros(*layer.values.shape[:2], 0, layer.values.shape[-1])
+            else:
+                k, v = cache.layers[index].keys, cache.layers[index].values
+            pad = stored - k.shape[-2]
+            keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+            values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+        layer.keys, layer.values = torch.cat(keys), torch.cat(values)
+        if sliding:
+            layer.cumulative_length = width
+    return template
+
+
 def _lineage_of_name(name: str) -> str | None:
     match = re.fullmatch(r"(.+)-gen-\d+", name)
     return match.group(1) if match else None
@@ -285,6 +382,7 @@ class _Request:
     stop: tuple[str, ...]
     adapter: AdapterRef | None
     future: Future
+    prefix: str = ""
     key: tuple = ()
 
     def __post_init__(self) -> None:
@@ -304,23 +402,25 @@ class LocalGenerator:
         self.backend = backend
         self.serving = serving
         self.router, layers = install_multi_lora(backend.model, serving.max_adapters, serving.max_rank)
-        self.cache = AdapterCache(layers, serving.max_adapters, serving.max_rank)
+        self.cache = AdapterCache(layers, serving.max_adapters, serving.max_rank, serving.merged_adapters)
         self._queue: deque[_Request] = deque()
         self._changed = threading.Condition()
         self._closed = False
         self.batches = self.rows = 0
         self._running = 0  # requests in the batch being generated
+        self._prefixes: OrderedDict[tuple[str | None, str], tuple[torch.Tensor, object]] = OrderedDict()  # -> tokens, KV
+        self.prefix_hits = self.prefix_misses = 0
         self._thread = threading.Thread(target=self._work, name="banryeo-model", daemon=True)
         self._thread.start()
 
     async def sample(self, prompt: str, n: int, sampling: SamplingSettings, stop: list[str],
-                     adapter: AdapterRef | None) -> list[Sample]:
-        return await asyncio.wrap_future(self.submit(prompt, n, sampling, stop, adapter))
+                     adapter: AdapterRef | None, prefix: str = "") -> list[Sample]:
+        return await asyncio.wrap_future(self.submit(prompt, n, sampling, stop, adapter, prefix))
 
     def submit(self, prompt: str, n: int, sampling: SamplingSettings, stop: list[str],
-               adapter: AdapterRef | None) -> Future:
+               adapter: AdapterRef | None, prefix: str = "") -> Future:
         """Queue a request from any thread; the future holds its samples (or the error)."""
-        request = _Request(prompt, n, sampling, tuple(stop), adapter, Future())
+        request = _Request(prompt, n, sampling, tuple(stop), adapter, Future(), prefix)
         with self._changed:
             if self._closed:
                 raise RuntimeError("the generator is closed")
@@ -334,7 +434,10 @@ class LocalGenerator:
     def stats(self) -> dict:
         return {"batches": self.batches, "rows": self.rows, "adapter_loads": self.cache.loads,
                 "evictions": self.cache.evictions, "resident": list(self.cache.slot_of),
-                "adapter_load_seconds": round(self.cache.load_seconds, 3), "queued": len(self._queue)}
+                "adapter_load_seconds": round(self.cache.load_seconds, 3), "queued": len(self._queue),
+                "merged": list(self.cache.merged), "merges": self.cache.merges,
+                "merge_seconds": round(self.cache.merge_seconds, 3),
+                "prefix_hits": self.prefix_hits, "prefix_misses": self.prefix_misses}
 
     def close(self) -> None:
         with self._changed:
@@ -349,10 +452,15 @@ class LocalGenerator:
     def _work(self) -> None:
         while True:
             with self._changed:
-                while not self._queue and not self._closed:
+                while not self._queue and not self._closed and not self.cache.wants_merge():
                     self._changed.wait()
                 if self._closed:
                     return
+                merge = None if self._queue else self.cache.merge_wanted
+            if merge is not None:  # idle: fold the adapter last used alone into merged layers
+                self._merge(merge)
+                continue
+            with self._changed:
                 deadline = time.monotonic() + self.serving.batch_window_ms / 1000
                 while sum(r.n for r in self._queue) < self.serving.max_batch_rows and not self._closed:
                     remaining = deadline - time.monotonic()
@@ -365,6 +473,14 @@ class LocalGenerator:
                 self._run(batch)
             finally:
                 self._running = 0
+
+    def _merge(self, name: str) -> None:
+        with self.backend.lock:
+            try:
+                self.cache.merge(name)
+            except Exception:  # a merge is only a speed-up: the adapter keeps serving unmerged
+                logger.exception("merging adapter %s failed", name)
+                self.cache.merge_wanted = None
 
     def _take_batch(self) -> list[_Request]:
         """The oldest request plus every queued one that fits with it (same settings, rows, slots)."""
@@ -396,6 +512,9 @@ class LocalGenerator:
                 logger.error("adapter %s cannot be served: %s", request.adapter.name, exc)
                 request.future.set_exception(exc)
         live = [(i, r) for i, r in enumerate(batch) if not r.future.done()]
+        used = {r.adapter.name if r.adapter else None for _, r in live}
+        if len(used) == 1 and None not in used:  # one adapter alone: worth merging when idle
+            self.cache.merge_wanted = used.pop()
         try:
             if live:
                 results = self._generate([r for _, r in live], [slots.get(i, -1) for i, _ in live])
@@ -410,10 +529,52 @@ class LocalGenerator:
             for name in acquired:
                 self.cache.release(name)
 
-    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor):
-        """The KV cache of `ids` (left-padded), positions counted from each row's first real token."""
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return self.backend.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+    def _prefill(self, requests: list[_Request], request_slots: list[int], ids: torch.Tensor, mask: torch.Tensor):
+        """The KV cache of every prompt but its last token, left-padded like `ids` (one row per request).
+
+        Each request is prefilled on its own, on its own adapter; the shared prefix (persona and
+        examples) comes from the prefix cache when it is there, so only the conversation is computed.
+        """
+        caches = []
+        for row, (request, slot) in enumerate(zip(requests, request_slots)):
+            context = ids[row, :-1][mask[row, :-1].bool()]
+            self.router.set([slot], self.serving.max_rank, self.backend.model.dtype, self.backend.model.device,
+                            self.cache.merged_slots())
+            start, cache = self._cached_prefix(request, context)
+            if start < len(context):
+                cache = self._forward(context[start:], start, cache)
+            caches.append(cache)
+        return left_padded_batch(caches, ids.shape[1] - 1)
+
+    def _cached_prefix(self, request: _Request, context: torch.Tensor) -> tuple[int, object]:
+        """(tokens covered, a private copy of their KV cache) for the request's shared prefix, or (0, None)."""
+        if not request.prefix or not self.serving.prefix_cache:
+            return 0, None
+        key = (request.adapter.name if request.adapter else None, request.prefix)
+        entry = self._prefixes.get(key)
+        if entry is None:
+            # all but the prefix's last token, which may merge with what follows it in the whole prompt
+            tokens = self.backend.tokenizer(request.prefix, add_special_tokens=not self.backend.use_chat_template,
+                                            return_tensors="pt").input_ids[0, :-1].to(context.device)
+        else:
+            tokens = entry[0]
+        # usable only if the prompt's own tokens start with these (checked, never assumed)
+        if not 0 < len(tokens) < len(context) or not torch.equal(context[:len(tokens)], tokens):
+            return 0, None
+        if entry is None:
+            self.prefix_misses += 1
+            entry = self._prefixes[key] = (tokens, self._forward(tokens, 0, None))
+            while len(self._prefixes) > self.serving.prefix_cache:
+                self._prefixes.popitem(last=False)
+        else:
+            self.prefix_hits += 1
+            self._prefixes.move_to_end(key)
+        return len(tokens), copy.deepcopy(entry[1])
+
+    def _forward(self, tokens: torch.Tensor, start: int, cache):
+        """Extend `cache` (None: a new one) by `tokens`, which sit at positions start, start+1, ..."""
+        positions = torch.arange(start, start + len(tokens), device=tokens.device)[None]
+        return self.backend.model(input_ids=tokens[None], position_ids=positions, cache=cache, use_cache=True,
                                   logits_to_keep=1).past_key_values
 
     @torch.inference_mode()
@@ -439,11 +600,11 @@ class LocalGenerator:
                 # The prompt is prefilled once per request, not once per candidate: the cache is then
                 # copied to each of the request's rows and generate goes on from the last prompt token.
                 if ids.shape[1] > 1:
-                    self.router.set(request_slots, self.serving.max_rank, backend.model.dtype, backend.model.device)
-                    cache = self._prefill(ids[:, :-1], mask[:, :-1])
+                    cache = self._prefill(requests, request_slots, ids, mask)
                     cache.batch_select_indices(rows)
                     kwargs["cache"] = cache
-                self.router.set(row_slots, self.serving.max_rank, backend.model.dtype, backend.model.device)
+                self.router.set(row_slots, self.serving.max_rank, backend.model.dtype, backend.model.device,
+                                self.cache.merged_slots())
                 output = backend.model.generate(input_ids=ids[rows], attention_mask=mask[rows], **kwargs)
             finally:
                 self.router.clear()

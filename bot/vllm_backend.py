@@ -113,8 +113,10 @@ class VllmGenerator:
     # -- Generator --------------------------------------------------------------------------------
 
     async def sample(self, prompt: str, n: int, sampling: SamplingSettings, stop: list[str],
-                     adapter: AdapterRef | None) -> list[Sample]:
+                     adapter: AdapterRef | None, prefix: str = "") -> list[Sample]:
         """`n` continuations of `prompt` from `adapter` (None: the base model), each cut at the first stop.
+
+        `prefix` needs nothing here: vLLM's automatic prefix caching reuses shared prompt starts itself.
 
         Raises AdapterError when the server refuses to load the adapter (the caller can fall back to
         the base model) and VllmError when the server cannot be reached or fails.

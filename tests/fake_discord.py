@@ -62,7 +62,7 @@ class FakeDiscord:
         app.router.add_post(api + "/interactions/{id}/{token}/callback", self._interaction_callback)
         app.router.add_post(api + "/webhooks/{app}/{token}", self._followup)
         app.router.add_patch(api + "/webhooks/{app}/{token}/messages/@original", self._followup)
-        self.runner = web.AppRunner(app)
+        self.runner = web.AppRunner(app, access_log=None)  # its request lines are the server's logs, not the bot's
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()

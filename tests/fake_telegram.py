@@ -137,7 +137,7 @@ class FakeTelegram:
         app = web.Application()
         app.router.add_route("*", "/bot{token}/{method}", self._handle)
         app.router.add_get("/file/bot{token}/{path:.+}", self._download)
-        self.runner = web.AppRunner(app, shutdown_timeout=1.0)
+        self.runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()

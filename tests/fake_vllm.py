@@ -75,7 +75,7 @@ class FakeVllm:
         if self.runtime_updates:
             app.router.add_post("/v1/load_lora_adapter", self._load)
             app.router.add_post("/v1/unload_lora_adapter", self._unload)
-        self.runner = web.AppRunner(app, shutdown_timeout=1.0)
+        self.runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()

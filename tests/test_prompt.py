@@ -72,3 +72,14 @@ def test_clean_reply_cuts_other_speakers_and_labels():
     assert clean_reply(f" {card.name}: 응 좋아! {me}: 그래", card) == "응 좋아!"
     assert clean_reply("  ", card) == ""
     assert clean_reply(f"{me}: 뭐야", card) == "뭐야"
+
+
+def test_the_shared_prefix_is_the_persona_part_every_chat_starts_with():
+    card = haru()
+    for template in (None, lambda messages: "".join(f"<{m['role']}>{m['content']}" for m in messages)):
+        one = build_prompt(card, [Turn("user", "고구마피자 먹었어")], count_tokens=words, budget=10_000,
+                           chat_template=template)
+        other = build_prompt(card, [Turn("user", "비 온다"), Turn("char", "우산 챙겨!"), Turn("user", "응")],
+                             count_tokens=words, budget=10_000, chat_template=template)
+        assert one.prefix == other.prefix and card.description[:10] in one.prefix
+        assert one.text.startswith(one.prefix) and "고구마피자" not in one.prefix

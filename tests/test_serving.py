@@ -182,3 +182,100 @@ async def test_int8_weights_serve_adapters_too(tiny_model_dir, adapters):
         assert again.text == own[0].text
     finally:
         generator.close()
+
+
+def logits_on(generator: LocalGenerator, ids: torch.Tensor, row_slots: list[int] | None) -> torch.Tensor:
+    """One forward pass with each row on its slot (None: the plain base model)."""
+    model = generator.backend.model
+    try:
+        if row_slots is not None:
+            generator.router.set(row_slots, 16, torch.float32, model.device, generator.cache.merged_slots())
+        with torch.no_grad():
+            return model(ids).logits
+    finally:
+        generator.router.clear()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_a_merged_adapter_answers_like_its_slot(tiny_model_dir, adapters, dtype):
+    backend = ModelBackend.load(ModelSettings(name=str(tiny_model_dir), dtype=dtype, prompt_format="transcript"))
+    generator = LocalGenerator(backend, ServingSettings(max_adapters=2, merged_adapters=1))
+    try:
+        ids = backend.tokenizer("나: 안녕\n하루:", return_tensors="pt").input_ids.repeat(2, 1)
+        slot = generator.cache.acquire(adapters[0])
+        base, unmerged = logits_on(generator, ids, None), logits_on(generator, ids, [slot, slot])
+        generator.cache.merge(adapters[0].name)
+        merged = logits_on(generator, ids, [slot, slot])
+        generator.router.set([slot, slot], 16, torch.float32, backend.model.device, generator.cache.merged_slots())
+        assert generator.router.plan.merged == slot  # the merged layers did the work
+        generator.router.set([slot, -1], 16, torch.float32, backend.model.device, generator.cache.merged_slots())
+        assert generator.router.plan.merged is None  # a row on the base model: back to the slot bank
+        generator.router.clear()
+        if dtype == "float32":  # (int8 quantises activations per batch, so rows nudge each other's rounding)
+            torch.testing.assert_close(logits_on(generator, ids, [slot, -1])[1], base[1])
+        effect = (unmerged - base).norm()
+        assert effect > 1  # the adapter changes the logits a lot ...
+        # ... and merging changes that by float rounding (float32) or int8 rounding of the merged weight
+        assert (merged - unmerged).norm() / effect < (1e-4 if dtype == "float32" else 0.1)
+    finally:
+        generator.close()
+
+
+async def test_an_adapter_used_alone_is_merged_while_idle_and_unmerged_when_it_leaves(tiny_model_dir, adapters):
+    generator = LocalGenerator(load_backend(tiny_model_dir),
+                               ServingSettings(max_adapters=2, merged_adapters=1, batch_window_ms=100))
+    prompt = "나: 오늘 뭐 했어?\n하루:"
+
+    async def merged_becomes(names: list[str]) -> None:
+        for _ in range(500):
+            if generator.stats()["merged"] == names:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"merged {generator.stats()['merged']}, wanted {names}")
+
+    try:
+        a, b, c = adapters[:3]
+        [first] = await generator.sample(prompt, 1, GREEDY, [], a)
+        await merged_becomes([a.name])
+        [again] = await generator.sample(prompt, 1, GREEDY, [], a)
+        assert again.text == first.text
+        await asyncio.gather(generator.sample(prompt, 1, GREEDY, [], b), generator.sample(prompt, 1, GREEDY, [], None))
+        await asyncio.sleep(0.2)
+        assert generator.stats()["merged"] == [a.name]  # a batch shared with the base model wants no merge
+        await generator.sample(prompt, 1, GREEDY, [], b)
+        await merged_becomes([b.name])  # one merged copy at most: a's was dropped
+        await generator.sample(prompt, 1, GREEDY, [], c)  # c evicts a (least recently used), then is merged
+        await merged_becomes([c.name])
+        assert set(generator.cache.slot_of) == {b.name, c.name}
+        slot_c = generator.cache.slot_of[c.name]
+        assert all(set(layer.merged) == {slot_c} for layer in generator.cache.layers.values())
+        assert generator.stats()["merges"] == 3
+    finally:
+        generator.close()
+
+
+async def test_a_cached_persona_prefix_samples_what_a_full_prefill_samples(tiny_model_dir, adapters):
+    prefix = "하루는 다정한 친구야. 장난도 잘 치고 걱정도 많아.\n\n나: 안녕\n하루: 왔구나!\n\n"
+    prompts = [prefix + "나: 안녕\n하루:",
+               prefix + "나: 오늘 좀 길게 얘기해도 돼? 할 말이 많아\n하루: 응 얼마든지\n나: 회사에서 있었던 일인데\n하루:",
+               prefix + "나: " + "정말 " * 40 + "피곤해\n하루:"]  # past the tiny model's 64-token sliding window
+    plain = LocalGenerator(load_backend(tiny_model_dir), ServingSettings(prefix_cache=0, merged_adapters=0))
+    cached = LocalGenerator(load_backend(tiny_model_dir), ServingSettings(prefix_cache=4, merged_adapters=0,
+                                                                          batch_window_ms=50))
+    try:
+        for ref in (None, adapters[0]):
+            want = [(await plain.sample(p, 2, GREEDY, [], ref))[0].text for p in prompts]
+            for _ in range(2):  # the first computes the prefix, the second reuses it
+                got = [(await cached.sample(p, 2, GREEDY, [], ref, prefix))[0].text for p in prompts]
+                assert got == want
+            batches = cached.batches
+            together = await asyncio.gather(*(cached.sample(p, 1, GREEDY, [], ref, prefix) for p in prompts))
+            assert [s[0].text for s in together] == want  # different lengths in one left-padded batch
+            assert cached.batches - batches < len(prompts)
+        stats = cached.stats()
+        assert stats["prefix_misses"] == 2 and stats["prefix_hits"] == 2 * 3 * 2 - 2 + 3 * 2
+        [other] = await cached.sample(prompts[0], 1, GREEDY, [], adapters[0], "다른 페르소나\n\n")
+        assert other.text == want[0] and cached.stats()["prefix_misses"] == 2  # not its prefix: not reused
+    finally:
+        plain.close()
+        cached.close()
