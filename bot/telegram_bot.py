@@ -38,7 +38,7 @@ from telegram.ext import (AIORateLimiter, Application, ApplicationBuilder, Callb
 
 from bot.admin import Admin
 from bot.config import ConfigError, Settings
-from bot.engine import CandidateSet, DialogueEngine, EngineError, UserRef
+from bot.engine import CandidateSet, DialogueEngine, EngineError, Opening, UserRef
 from bot.messages import NUMBERS, numbered_offer, render
 from bot.messages import fit as fit_within
 
@@ -271,8 +271,7 @@ class TelegramCompanion:
             return
         user = user_ref(update.effective_user)
         opening = await self.engine.reset(user)
-        await update.effective_message.reply_text(fit(f"{render('reset_done', self.language(user))}\n"
-                                                      f"{opening.persona}: {opening.greeting}"))
+        await reply_with_opening(update, render("reset_done", self.language(user)), opening)
 
     async def cmd_regen(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not self.addressed(update, context):
@@ -294,8 +293,7 @@ class TelegramCompanion:
         except EngineError as exc:
             await update.effective_message.reply_text(render(exc.key, self.language(user), **exc.params))
             return
-        await update.effective_message.reply_text(fit(f"{render('persona_changed', self.language(user), name=opening.persona)}"
-                                                      f"\n{opening.persona}: {opening.greeting}"))
+        await reply_with_opening(update, render("persona_changed", self.language(user), name=opening.persona), opening)
 
     async def cmd_learning(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not self.addressed(update, context):
@@ -450,6 +448,11 @@ async def typing(context: ContextTypes.DEFAULT_TYPE, chat_id: int):
         yield
     finally:
         task.cancel()
+
+
+async def reply_with_opening(update: Update, header: str, opening: Opening) -> None:
+    """A confirmation followed by the persona's greeting that opens the new conversation."""
+    await update.effective_message.reply_text(fit(f"{header}\n{opening.persona}: {opening.greeting}"))
 
 
 async def edit_text(message: Message | None, text: str, markup: InlineKeyboardMarkup | None) -> None:

@@ -247,11 +247,7 @@ class FakeTelegram:
                     return i, params
             return None
 
-        async with self.changed:
-            await asyncio.wait_for(self.changed.wait_for(lambda: found() is not None), timeout)
-        result = found()
-        assert result is not None
-        return result
+        return await self._wait_until_found(found, timeout)
 
     async def wait_attempt(self, method: str, after: int = 0,
                            timeout: float = 60) -> tuple[int, dict[str, Any], int]:
@@ -262,6 +258,9 @@ class FakeTelegram:
                     return i, params, status
             return None
 
+        return await self._wait_until_found(found, timeout)
+
+    async def _wait_until_found(self, found, timeout: float):
         async with self.changed:
             await asyncio.wait_for(self.changed.wait_for(lambda: found() is not None), timeout)
         result = found()
