@@ -574,8 +574,9 @@ class LocalGenerator:
     def _forward(self, tokens: torch.Tensor, start: int, cache):
         """Extend `cache` (None: a new one) by `tokens`, which sit at positions start, start+1, ..."""
         positions = torch.arange(start, start + len(tokens), device=tokens.device)[None]
-        return self.backend.model(input_ids=tokens[None], position_ids=positions, cache=cache, use_cache=True,
-                                  logits_to_keep=1).past_key_values
+        output = self.backend.model(input_ids=tokens[None], position_ids=positions, cache=cache, use_cache=True,
+                                    logits_to_keep=1)
+        return output.get("cache", output.get("past_key_values"))  # named `cache` since transformers 5.x
 
     @torch.inference_mode()
     def _generate(self, requests: list[_Request], request_slots: list[int]) -> list[list[Sample]]:
