@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 
 from bot.config import EMBEDDED_MODEL, ModelSettings, SamplingSettings  # noqa: E402
+from bot.sampling import generate_kwargs  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -217,16 +218,8 @@ class ModelBackend:
         """
         inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not self.use_chat_template)
         inputs = inputs.to(self.model.device)
-        kwargs = dict(
-            do_sample=True,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k or None,
-            repetition_penalty=sampling.repetition_penalty,
-            max_new_tokens=sampling.max_new_tokens,
-            num_return_sequences=n,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+        inputs = {key: value.repeat(n, 1) for key, value in inputs.items()}  # one row per candidate
+        kwargs = dict(generate_kwargs(sampling), pad_token_id=self.tokenizer.pad_token_id)
         if stop:
             kwargs.update(stop_strings=stop, tokenizer=self.tokenizer)
         with self.lock, self._use_adapter(adapter):

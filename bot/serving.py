@@ -32,6 +32,7 @@ from torch import nn
 
 from bot.config import SamplingSettings, ServingSettings
 from bot.model import ModelBackend, ModelError, Sample
+from bot.sampling import generate_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -585,13 +586,9 @@ class LocalGenerator:
         inputs = tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True,
                            add_special_tokens=not backend.use_chat_template).to(backend.model.device)
         s, stop = requests[0].sampling, list(requests[0].stop)
-        kwargs = dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or None,
-                      repetition_penalty=s.repetition_penalty, max_new_tokens=s.max_new_tokens,
-                      pad_token_id=tokenizer.pad_token_id)
+        kwargs = dict(generate_kwargs(s), pad_token_id=tokenizer.pad_token_id)
         if stop:
             kwargs.update(stop_strings=stop, tokenizer=tokenizer)
-        if s.min_new_tokens:
-            kwargs["min_new_tokens"] = s.min_new_tokens
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         rows = torch.tensor([i for i, r in enumerate(requests) for _ in range(r.n)], device=ids.device)
         with backend.lock:
