@@ -69,27 +69,17 @@ class LoraRouter:
         self.plan: BatchPlan | None = None
         self._versions = itertools.count(1)
 
-    def set(self, row_slots: list[int], rank: int, dtype: torch.dtype, device: torch.device,
-            merged: frozenset[int] = frozenset()) -> None:
+    def set(self, row_slots: list[int], device: torch.device, merged: frozenset[int] = frozenset()) -> None:
         """`row_slots[i]` is the slot of batch row i, or -1 for the base model; `merged` are the slots
         whose weights are folded into a copy of the layers (used when a batch needs that slot alone)."""
-        active = sorted({s for s in row_slots if s >= 0})
+        active = {s for s in row_slots if s >= 0}
         if not active:
             self.plan = None
-            return
-        if len(active) == 1 and -1 not in row_slots and active[0] in merged:
-            self.plan = BatchPlan(next(self._versions), torch.tensor(active, device=device), None, active[0])
-            return
-        mask = None
-        if len(active) > 1 or any(s < 0 for s in row_slots):
-            # row i keeps only the rank-block of its own slot: [rows, 1, K*rank]
-            position = {slot: k for k, slot in enumerate(active)}
-            mask = torch.zeros(len(row_slots), len(active), rank, dtype=dtype, device=device)
-            for row, slot in enumerate(row_slots):
-                if slot >= 0:
-                    mask[row, position[slot]] = 1
-            mask = mask.reshape(len(row_slots), 1, len(active) * rank)
-        self.plan = BatchPlan(next(self._versions), torch.tensor(active, device=device), mask)
+        elif len(active) == 1 and -1 not in row_slots:  # every row on one adapter
+            slot = active.pop()
+            self.plan = BatchPlan(next(self._versions), slot=slot, merged=slot if slot in merged else None)
+        else:  # -1 indexes each bank's last slot, which stays zero: the base model
+            self.plan = BatchPlan(next(self._versions), rows=torch.tensor(row_slots, device=device))
 
     def clear(self) -> None:
         self.plan = None
@@ -98,17 +88,17 @@ class LoraRouter:
 @dataclass
 class BatchPlan:
     version: int
-    slots: torch.Tensor          # the K distinct slots in this batch
-    mask: torch.Tensor | None    # None: every row uses the single active slot
-    merged: int | None = None    # every row uses this slot, whose merged layers are ready
+    slot: int | None = None             # every row uses this slot ...
+    merged: int | None = None           # ... whose merged layers are ready
+    rows: torch.Tensor | None = None    # or: the slot of each row (-1: the base model)
 
 
 class MultiLoraLinear(nn.Module):
     """A linear layer plus a bank of LoRA slots; each batch row adds the update of its own slot.
 
-    The K slots a batch uses are concatenated once per batch into A [in, K*r] and B [K*r, out], so a
-    step costs two small matmuls and a mask whatever the mix of users, instead of a loop over adapters.
-    A batch that needs one adapter alone runs on a merged copy of the layer when one is ready (`merged`,
+    For a mixed batch, each row's A and B are gathered once per batch into [rows, in, r] and
+    [rows, r, out], so a step costs two batched matmuls (the second one adding in place) whatever the
+    mix of users, instead of a loop over adapters. A batch that needs one adapter alone runs on a merged copy of the layer when one is ready (`merged`,
     filled by `AdapterCache.merge`): then the adapter costs nothing per token.
     """
 
@@ -117,12 +107,16 @@ class MultiLoraLinear(nn.Module):
         self.base = base
         self.router = router
         self.rank = rank
-        # a dynamic int8 layer has a packed weight; its inputs and outputs stay float32 on the CPU
+        # a dynamic int8 layer has a packed weight; its inputs and outputs stay float32 on the CPU. On
+        # the CPU the banks are float32 whatever the weights: small bfloat16 matmuls are ~3x slower there.
         dtype, device = (base.weight.dtype, base.weight.device) if isinstance(base, nn.Linear) else \
             (torch.float32, torch.device("cpu"))
-        self.register_buffer("lora_a", torch.zeros(slots, base.in_features, rank, dtype=dtype, device=device),
+        if device.type == "cpu":
+            dtype = torch.float32
+        # one slot more than can be loaded: the last one stays zero and serves rows on the base model
+        self.register_buffer("lora_a", torch.zeros(slots + 1, base.in_features, rank, dtype=dtype, device=device),
                              persistent=False)
-        self.register_buffer("lora_b", torch.zeros(slots, rank, base.out_features, dtype=dtype, device=device),
+        self.register_buffer("lora_b", torch.zeros(slots + 1, rank, base.out_features, dtype=dtype, device=device),
                              persistent=False)
         self._version = 0
         self._a: torch.Tensor | None = None
@@ -136,15 +130,14 @@ class MultiLoraLinear(nn.Module):
         if plan.merged is not None:
             return self.merged[plan.merged](x)
         y = self.base(x)
+        x = x.to(self.lora_a.dtype)
+        if plan.rows is None:
+            return y + ((x @ self.lora_a[plan.slot]) @ self.lora_b[plan.slot]).to(y.dtype)
         if self._version != plan.version:
-            k = len(plan.slots)
-            self._a = self.lora_a[plan.slots].permute(1, 0, 2).reshape(self.base.in_features, k * self.rank)
-            self._b = self.lora_b[plan.slots].reshape(k * self.rank, self.base.out_features)
+            self._a, self._b = self.lora_a[plan.rows], self.lora_b[plan.rows]
             self._version = plan.version
-        xa = x @ self._a
-        if plan.mask is not None:
-            xa = xa * plan.mask
-        return y + xa @ self._b
+        x = x.reshape(len(plan.rows), -1, x.shape[-1])
+        return y + torch.bmm(torch.bmm(x, self._a), self._b).reshape(y.shape).to(y.dtype)
 
 
 def merged_layer(base: nn.Module, a: torch.Tensor, b: torch.Tensor) -> nn.Module:
@@ -539,8 +532,7 @@ class LocalGenerator:
         caches = []
         for row, (request, slot) in enumerate(zip(requests, request_slots)):
             context = ids[row, :-1][mask[row, :-1].bool()]
-            self.router.set([slot], self.serving.max_rank, self.backend.model.dtype, self.backend.model.device,
-                            self.cache.merged_slots())
+            self.router.set([slot], self.backend.model.device, self.cache.merged_slots())
             start, cache = self._cached_prefix(request, context)
             if start < len(context):
                 cache = self._forward(context[start:], start, cache)
@@ -601,8 +593,7 @@ class LocalGenerator:
                     cache = self._prefill(requests, request_slots, ids, mask)
                     cache.batch_select_indices(rows)
                     kwargs["cache"] = cache
-                self.router.set(row_slots, self.serving.max_rank, backend.model.dtype, backend.model.device,
-                                self.cache.merged_slots())
+                self.router.set(row_slots, backend.model.device, self.cache.merged_slots())
                 output = backend.model.generate(input_ids=ids[rows], attention_mask=mask[rows], **kwargs)
             finally:
                 self.router.clear()

@@ -61,7 +61,7 @@ def test_a_mixed_batch_matches_peft_one_adapter_at_a_time(tiny_model_dir, adapte
 
     slots = [generator.cache.acquire(ref) for ref in adapters[:2]]
     model = generator.backend.model
-    generator.router.set([slots[0], slots[1], -1], 16, torch.float32, model.device)
+    generator.router.set([slots[0], slots[1], -1], model.device)
     with torch.no_grad():
         logits = model(ids.repeat(3, 1)).logits
     generator.router.clear()
@@ -189,7 +189,7 @@ def logits_on(generator: LocalGenerator, ids: torch.Tensor, row_slots: list[int]
     model = generator.backend.model
     try:
         if row_slots is not None:
-            generator.router.set(row_slots, 16, torch.float32, model.device, generator.cache.merged_slots())
+            generator.router.set(row_slots, model.device, generator.cache.merged_slots())
         with torch.no_grad():
             return model(ids).logits
     finally:
@@ -206,9 +206,9 @@ def test_a_merged_adapter_answers_like_its_slot(tiny_model_dir, adapters, dtype)
         base, unmerged = logits_on(generator, ids, None), logits_on(generator, ids, [slot, slot])
         generator.cache.merge(adapters[0].name)
         merged = logits_on(generator, ids, [slot, slot])
-        generator.router.set([slot, slot], 16, torch.float32, backend.model.device, generator.cache.merged_slots())
+        generator.router.set([slot, slot], backend.model.device, generator.cache.merged_slots())
         assert generator.router.plan.merged == slot  # the merged layers did the work
-        generator.router.set([slot, -1], 16, torch.float32, backend.model.device, generator.cache.merged_slots())
+        generator.router.set([slot, -1], backend.model.device, generator.cache.merged_slots())
         assert generator.router.plan.merged is None  # a row on the base model: back to the slot bank
         generator.router.clear()
         if dtype == "float32":  # (int8 quantises activations per batch, so rows nudge each other's rounding)
