@@ -106,7 +106,6 @@ class MultiLoraLinear(nn.Module):
         super().__init__()
         self.base = base
         self.router = router
-        self.rank = rank
         # a dynamic int8 layer has a packed weight; its inputs and outputs stay float32 on the CPU. On
         # the CPU the banks are float32 whatever the weights: small bfloat16 matmuls are ~3x slower there.
         dtype, device = (base.weight.dtype, base.weight.device) if isinstance(base, nn.Linear) else \
@@ -293,7 +292,7 @@ class AdapterCache:
                     r = a.shape[1]
                     layer.lora_a[slot, :, :r].copy_(a)
                     layer.lora_b[slot, :r, :].copy_(b)
-                layer._version = 0  # batches built before this load must rebuild their concatenation
+                layer._version = 0  # batches planned before this load must gather their rows again
         self.loads += 1
         self.load_seconds += time.perf_counter() - started
 

@@ -61,6 +61,14 @@ def buttons(message: dict) -> list[str]:
     return [b["callback_data"] for row in message["reply_markup"]["inline_keyboard"] for b in row]
 
 
+async def answer_to(fake, author, text: str, **where) -> dict:
+    """Send `text` as `author` (in `chat=...` when given); the bot's next message."""
+    at = len(fake.calls)
+    await fake.send(author, text, **where)
+    _, reply = await fake.wait_for("sendMessage", after=at)
+    return reply
+
+
 async def say(fake, text: str, author=ALICE) -> tuple[int, dict]:
     at = len(fake.calls)
     await fake.send(author, text)
@@ -169,22 +177,14 @@ async def test_media_edits_commands_and_blocked_users(telegram_env, engine):
     await fake.send_edited(ALICE, sent["message_id"], "/help me")
     _, reply = await fake.wait_for("sendMessage", after=at)
     assert "고친 메시지" in reply["text"]
-    at = len(fake.calls)
-    await fake.send(ALICE, "/dance")
-    _, reply = await fake.wait_for("sendMessage", after=at)
+    reply = await answer_to(fake, ALICE, "/dance")
     assert "모르는 명령" in reply["text"] and "/dance" in reply["text"]
-    at = len(fake.calls)
-    await fake.send(ALICE, "/persona sam")
-    _, reply = await fake.wait_for("sendMessage", after=at)
+    reply = await answer_to(fake, ALICE, "/persona sam")
     assert "Switched to Sam" in reply["text"]
 
-    at = len(fake.calls)
-    await fake.send(ALICE, "/learning off")
-    _, reply = await fake.wait_for("sendMessage", after=at)
+    reply = await answer_to(fake, ALICE, "/learning off")
     assert "learn from your picks any more" in reply["text"] and not engine.learning_enabled(UserRef("telegram", "42"))
-    at = len(fake.calls)
-    await fake.send(ALICE, "/learning")
-    _, reply = await fake.wait_for("sendMessage", after=at)
+    reply = await answer_to(fake, ALICE, "/learning")
     assert "/learning on" in reply["text"]
 
     fake.blocked_chats.add(66)
@@ -200,15 +200,11 @@ async def test_media_edits_commands_and_blocked_users(telegram_env, engine):
 async def test_admin_commands_only_for_admins(telegram_env, engine, settings):
     fake = telegram_env
     for command in ("/status", "/pause", "/rollback telegram:42", "/stats"):
-        at = len(fake.calls)
-        await fake.send(MALLORY, command)
-        _, reply = await fake.wait_for("sendMessage", after=at)
+        reply = await answer_to(fake, MALLORY, command)
         assert "관리자만" in reply["text"], command
     assert engine.store.flag("learning_paused") is None
 
-    at = len(fake.calls)
-    await fake.send(ADMIN, "/status")
-    _, reply = await fake.wait_for("sendMessage", after=at)
+    reply = await answer_to(fake, ADMIN, "/status")
     assert "serving" in reply["text"]
     at = len(fake.calls)
     await fake.send(ADMIN, "/pause")
@@ -218,9 +214,7 @@ async def test_admin_commands_only_for_admins(telegram_env, engine, settings):
     await fake.send(ADMIN, "/resume")
     await fake.wait_for("sendMessage", after=at)
     assert engine.store.flag("learning_paused") is None
-    at = len(fake.calls)
-    await fake.send(ADMIN, "/rollback telegram:42")
-    _, reply = await fake.wait_for("sendMessage", after=at)
+    reply = await answer_to(fake, ADMIN, "/rollback telegram:42")
     assert "telegram:42" in reply["text"]  # no generations yet: a clear answer, nothing changes
 
     at = len(fake.calls)
@@ -282,9 +276,7 @@ async def test_groups_are_ignored_unless_addressed(telegram_env, engine, setting
     assert texts == ["안녕!"]
     query = await fake.click(MALLORY, message_id, buttons(offer)[0])  # another member's press
     assert "다른 사람의 선택지" in (await fake.wait_answered(query["id"]))["text"]
-    at = len(fake.calls)
-    await fake.send(ALICE, "/export", chat=room)
-    _, reply = await fake.wait_for("sendMessage", after=at)
+    reply = await answer_to(fake, ALICE, "/export", chat=room)
     assert "1:1 대화에서만" in reply["text"]
 
 
