@@ -6,7 +6,8 @@
 Each request asks for one 40-token reply; all 8 are queued together so the serving worker puts them in
 one generate call. The same batch runs three ways, alternately in one run: base model only, our
 mixed-adapter serving (bot/serving.py), and peft's own mixed batches (`adapter_names=`) for reference.
-The number to read is throughput relative to the base (target >= 0.85).
+The number to read is throughput relative to the base (target >= 0.85). All torch work runs on the
+serving worker's thread, the peft reference included (`LocalGenerator.call`), as in the bot.
 """
 
 from __future__ import annotations
@@ -60,21 +61,26 @@ async def main() -> None:
         torch.set_num_threads(args.threads)
     sampling = SamplingSettings(max_new_tokens=args.tokens, min_new_tokens=args.tokens, repetition_penalty=1.0)
     card = PersonaLibrary().get("haru")
-    ours = ModelBackend.load(settings.model)
-    generator = LocalGenerator(ours, ServingSettings(max_adapters=args.rows, batch_window_ms=50,
-                                                     max_batch_rows=args.rows))
+    generator = LocalGenerator.load(settings.model, ServingSettings(max_adapters=args.rows, batch_window_ms=50,
+                                                                    max_batch_rows=args.rows))
+    ours = generator.backend
     prompts = [build_prompt(card, [Turn("user", MESSAGES[i % len(MESSAGES)])], count_tokens=ours.count_tokens,
                             budget=1024) for i in range(args.rows)]
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_random_adapters(resolve_model_path(settings.model), Path(tmp), args.rows)
         refs = [AdapterRef(f"user-bench{i}-gen-1", p) for i, p in enumerate(paths)]
-        reference = ModelBackend.load(settings.model)
-        for ref in refs:
-            reference.load_adapter(ref.name, ref.path)
+        def load_reference() -> ModelBackend:
+            backend = ModelBackend.load(settings.model)
+            for ref in refs:
+                backend.load_adapter(ref.name, ref.path)
+            return backend
+
+        reference = await asyncio.wrap_future(generator.call(load_reference))
         runs = {
             "base": lambda: run_ours(generator, prompts, [None] * args.rows, sampling),
             "mixed (ours)": lambda: run_ours(generator, prompts, refs, sampling),
-            "mixed (peft)": lambda: asyncio.to_thread(run_peft, reference, prompts, [r.name for r in refs], sampling),
+            "mixed (peft)": lambda: asyncio.wrap_future(
+                generator.call(lambda: run_peft(reference, prompts, [r.name for r in refs], sampling))),
         }
         for run in runs.values():  # warm-up, and the adapters get loaded
             await run()

@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
 
 
 def make_random_adapters(model_dir: str | Path, out: Path, count: int, scale: float = 0.02) -> list[Path]:
-    """`count` peft LoRA folders with random non-zero weights, saved under `out`."""
+    """`count` peft LoRA folders with random non-zero weights, saved under `out`.
+
+    The work runs on a thread that ends with it, so that its OpenMP threads end too and the model's
+    thread stays the only one with a team (see `LocalGenerator`)."""
+    paths: list[Path] = []
+    errors: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            paths.extend(_make(model_dir, out, count, scale))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=make)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return paths
+
+
+def _make(model_dir: str | Path, out: Path, count: int, scale: float) -> list[Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 

@@ -37,6 +37,7 @@ def build_engine(settings: Settings):
     """Open the store, the personas and the model, and wire them into a dialogue engine."""
     from bot.engine import DialogueEngine
     from bot.model import ModelBackend
+    from bot.serving import LocalGenerator
     from bot.store import Store
     from persona import PersonaLibrary
 
@@ -44,16 +45,18 @@ def build_engine(settings: Settings):
     personas.get(settings.chat.persona)  # fail early on a bad default persona
     store = Store(settings.storage.db_path)
     logger.info("Loading the model %s ...", settings.model.name)
-    backend = ModelBackend.load(settings.model)
-    generator = None  # the default: sample in this process (bot/serving.py)
     if settings.serving.backend == "vllm":
         from bot.vllm_backend import VllmGenerator
 
         if not settings.serving.vllm_url:
             raise ConfigError("serving.backend = 'vllm' needs serving.vllm_url (e.g. http://gpu-box:8000)")
+        backend = ModelBackend.load(settings.model)  # its tokenizer counts tokens and renders chat templates
         key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
         generator = VllmGenerator(settings.serving, settings.model.name, settings.storage.generations_dir, key,
                                   add_special_tokens=not backend.use_chat_template)
+    else:  # the default: sample in this process, on the model's own thread (bot/serving.py)
+        generator = LocalGenerator.load(settings.model, settings.serving)
+        backend = generator.backend
     return DialogueEngine(store, backend, personas, settings, generator)
 
 

@@ -1,11 +1,11 @@
 """Serving replies for many users at once, each on their own adapter generation.
 
-    generator = LocalGenerator(backend, settings.serving)          # or VllmGenerator (bot/vllm_backend.py)
+    generator = LocalGenerator.load(settings.model, settings.serving)   # or VllmGenerator (bot/vllm_backend.py)
     samples = await generator.sample(prompt, 3, settings.sampling, ["\\n"], AdapterRef(name, path))
 
 `prefix` (optional) is the start of the prompt that many chats share, the persona and its example
-dialogue: its KV cache is computed once per adapter and reused. Every generator has the same interface: `sample` is awaited from the event loop and never blocks
-it; the adapter a request uses is fixed when the request is made (an `AdapterRef`, or None for the
+dialogue: its KV cache is computed once per adapter and reused. Every generator has the same
+interface: `sample` is awaited from the event loop and never blocks it; the adapter a request uses is fixed when the request is made (an `AdapterRef`, or None for the
 base model), so a promotion in the middle of a reply never changes the weights it is sampled with.
 """
 
@@ -24,13 +24,13 @@ from collections import Counter, OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from bot.config import SamplingSettings, ServingSettings
+from bot.config import ModelSettings, SamplingSettings, ServingSettings
 from bot.model import ModelBackend, ModelError, Sample
 from bot.sampling import generate_kwargs
 
@@ -78,8 +78,13 @@ class LoraRouter:
         elif len(active) == 1 and -1 not in row_slots:  # every row on one adapter
             slot = active.pop()
             self.plan = BatchPlan(next(self._versions), slot=slot, merged=slot if slot in merged else None)
-        else:  # -1 indexes each bank's last slot, which stays zero: the base model
-            self.plan = BatchPlan(next(self._versions), rows=torch.tensor(row_slots, device=device))
+        else:
+            # A request's candidates are consecutive rows on one slot. Rows are split into groups of
+            # the largest size that divides every run of equal slots, so each group reads its
+            # adapter's weights once (per row, a request of 3 candidates would read them 3 times).
+            size = math.gcd(*(len(list(run)) for _, run in itertools.groupby(row_slots)))
+            # -1 indexes each bank's last slot, which stays zero: the base model
+            self.plan = BatchPlan(next(self._versions), groups=torch.tensor(row_slots[::size], device=device))
 
     def clear(self) -> None:
         self.plan = None
@@ -90,16 +95,17 @@ class BatchPlan:
     version: int
     slot: int | None = None             # every row uses this slot ...
     merged: int | None = None           # ... whose merged layers are ready
-    rows: torch.Tensor | None = None    # or: the slot of each row (-1: the base model)
+    groups: torch.Tensor | None = None  # or: the slot of each group of consecutive rows (-1: the base model)
 
 
 class MultiLoraLinear(nn.Module):
     """A linear layer plus a bank of LoRA slots; each batch row adds the update of its own slot.
 
-    For a mixed batch, each row's A and B are gathered once per batch into [rows, in, r] and
-    [rows, r, out], so a step costs two batched matmuls (the second one adding in place) whatever the
-    mix of users, instead of a loop over adapters. A batch that needs one adapter alone runs on a merged copy of the layer when one is ready (`merged`,
-    filled by `AdapterCache.merge`): then the adapter costs nothing per token.
+    For a mixed batch, each row group's A and B are gathered once per batch into [groups, in, r] and
+    [groups, r, out], so a step costs two batched matmuls (added in place to the base output) whatever the
+    mix of users, instead of a loop over adapters. A batch that needs one adapter alone runs on a
+    merged copy of the layer when one is ready (`merged`, filled by `AdapterCache.merge`): then the
+    adapter costs nothing per token.
     """
 
     def __init__(self, base: nn.Module, slots: int, rank: int, router: LoraRouter):
@@ -107,7 +113,7 @@ class MultiLoraLinear(nn.Module):
         self.base = base
         self.router = router
         # a dynamic int8 layer has a packed weight; its inputs and outputs stay float32 on the CPU. On
-        # the CPU the banks are float32 whatever the weights: small bfloat16 matmuls are ~3x slower there.
+        # the CPU the banks are float32 whatever the weights: small bfloat16 batched matmuls are slower there.
         dtype, device = (base.weight.dtype, base.weight.device) if isinstance(base, nn.Linear) else \
             (torch.float32, torch.device("cpu"))
         if device.type == "cpu":
@@ -128,15 +134,18 @@ class MultiLoraLinear(nn.Module):
             return self.base(x)
         if plan.merged is not None:
             return self.merged[plan.merged](x)
-        y = self.base(x)
+        y = self.base(x)  # a new tensor: the update is added to it in place (cast to its dtype)
         x = x.to(self.lora_a.dtype)
-        if plan.rows is None:
-            return y + ((x @ self.lora_a[plan.slot]) @ self.lora_b[plan.slot]).to(y.dtype)
+        if plan.groups is None:
+            return y.add_((x @ self.lora_a[plan.slot]) @ self.lora_b[plan.slot])
         if self._version != plan.version:
-            self._a, self._b = self.lora_a[plan.rows], self.lora_b[plan.rows]
+            self._a, self._b = self.lora_a[plan.groups], self.lora_b[plan.groups]
             self._version = plan.version
-        x = x.reshape(len(plan.rows), -1, x.shape[-1])
-        return y + torch.bmm(torch.bmm(x, self._a), self._b).reshape(y.shape).to(y.dtype)
+        x = x.reshape(len(plan.groups), -1, x.shape[-1])
+        if y.dtype == self._b.dtype:  # float32 outputs (int8 layers): the update is added by the matmul itself
+            y.view(len(plan.groups), -1, y.shape[-1]).baddbmm_(torch.bmm(x, self._a), self._b)
+            return y
+        return y.add_(torch.bmm(torch.bmm(x, self._a), self._b).view(y.shape))
 
 
 def merged_layer(base: nn.Module, a: torch.Tensor, b: torch.Tensor) -> nn.Module:
@@ -389,22 +398,41 @@ class LocalGenerator:
 
     Requests with the same sampling settings that arrive within `batch_window_ms` of each other go
     into one generate call, whatever adapters they use (up to `max_batch_rows` sequences).
+
+    Every parallel torch operation of a serving process should run on this one thread, loading
+    included, so use `LocalGenerator.load(model_settings, serving)`: torch's OpenMP runtime (libgomp)
+    keeps a team of threads per thread that ever ran a parallel operation, and once the teams hold
+    more threads than there are cores, its threads stop spinning between operations and every small
+    operation waits for them to wake (a batched LoRA matmul took 3x longer when the model had been
+    loaded on the event loop's thread; bench/mixed_batch.py shows the effect on whole replies).
     """
 
-    def __init__(self, backend: ModelBackend, serving: ServingSettings):
-        self.backend = backend
+    def __init__(self, backend: ModelBackend | Callable[[], ModelBackend], serving: ServingSettings):
+        """`backend`, or a function that loads it on the worker thread (see `load`)."""
         self.serving = serving
-        self.router, layers = install_multi_lora(backend.model, serving.max_adapters, serving.max_rank)
-        self.cache = AdapterCache(layers, serving.max_adapters, serving.max_rank, serving.merged_adapters)
         self._queue: deque[_Request] = deque()
+        self._calls: deque[tuple[Callable[[], object], Future]] = deque()  # see `call`
         self._changed = threading.Condition()
         self._closed = False
         self.batches = self.rows = 0
         self._running = 0  # requests in the batch being generated
         self._prefixes: OrderedDict[tuple[str | None, str], tuple[torch.Tensor, object]] = OrderedDict()  # -> tokens, KV
         self.prefix_hits = self.prefix_misses = 0
-        self._thread = threading.Thread(target=self._work, name="banryeo-model", daemon=True)
+        ready: Future = Future()
+        self._thread = threading.Thread(target=self._work, args=(backend, ready), name="banryeo-model", daemon=True)
         self._thread.start()
+        ready.result()  # the worker's set-up error, if any, is raised here
+
+    @classmethod
+    def load(cls, model: ModelSettings, serving: ServingSettings) -> "LocalGenerator":
+        """Load the model on the worker thread and serve it there; the backend is `generator.backend`."""
+        return cls(lambda: ModelBackend.load(model), serving)
+
+    def _set_up(self, backend: ModelBackend | Callable[[], ModelBackend]) -> None:
+        self.backend = backend if isinstance(backend, ModelBackend) else backend()
+        self.router, layers = install_multi_lora(self.backend.model, self.serving.max_adapters, self.serving.max_rank)
+        self.cache = AdapterCache(layers, self.serving.max_adapters, self.serving.max_rank,
+                                  self.serving.merged_adapters)
 
     async def sample(self, prompt: str, n: int, sampling: SamplingSettings, stop: list[str],
                      adapter: AdapterRef | None, prefix: str = "") -> list[Sample]:
@@ -420,6 +448,17 @@ class LocalGenerator:
             self._queue.append(request)
             self._changed.notify()
         return request.future
+
+    def call(self, function: Callable[[], object]) -> Future:
+        """Run `function` on the model's thread between batches (e.g. a benchmark's other torch work,
+        which would otherwise start a second OpenMP team, see the class docstring)."""
+        future: Future = Future()
+        with self._changed:
+            if self._closed:
+                raise RuntimeError("the generator is closed")
+            self._calls.append((function, future))
+            self._changed.notify()
+        return future
 
     def pending(self) -> int:
         return len(self._queue) + self._running
@@ -439,17 +478,34 @@ class LocalGenerator:
         self._thread.join(timeout=30)
         for request in self._queue:
             request.future.cancel()
+        for _, future in self._calls:
+            future.cancel()
 
     # -- the worker ---------------------------------------------------------------------------------
 
-    def _work(self) -> None:
+    def _work(self, backend: ModelBackend | Callable[[], ModelBackend], ready: Future) -> None:
+        try:
+            self._set_up(backend)
+        except BaseException as exc:
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
         while True:
             with self._changed:
-                while not self._queue and not self._closed and not self.cache.wants_merge():
+                while not self._queue and not self._calls and not self._closed and not self.cache.wants_merge():
                     self._changed.wait()
                 if self._closed:
                     return
+                call = self._calls.popleft() if self._calls else None
                 merge = None if self._queue else self.cache.merge_wanted
+            if call is not None:
+                function, future = call
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(function())
+                    except BaseException as exc:
+                        future.set_exception(exc)
+                continue
             if merge is not None:  # idle: fold the adapter last used alone into merged layers
                 self._merge(merge)
                 continue

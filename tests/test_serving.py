@@ -1,6 +1,7 @@
 """Serving many users' adapters at once: mixed batches, the adapter cache, isolation, fallbacks."""
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from bot.config import ModelSettings, SamplingSettings, ServingSettings
 from bot.engine import UserRef
-from bot.model import ModelBackend
+from bot.model import ModelBackend, ModelError
 from bot.serving import AdapterCache, AdapterError, AdapterRef, LocalGenerator, read_adapter
 
 GREEDY = SamplingSettings(top_k=1, max_new_tokens=8, repetition_penalty=1.0)
@@ -47,27 +48,54 @@ def generator(tiny_model_dir):
     g.close()
 
 
-def test_a_mixed_batch_matches_peft_one_adapter_at_a_time(tiny_model_dir, adapters, generator):
+@pytest.mark.parametrize("layout, groups", [
+    ([0, 1, None], 3),                   # one row per request
+    ([0, 0, 1, 1, None, None], 3),       # two candidates per request: each pair reads its adapter once
+    ([0, 0, 0, 1, None, None], 6),       # runs of 3, 1 and 2 rows: no common group, row by row
+])
+def test_a_mixed_batch_matches_peft_one_adapter_at_a_time(tiny_model_dir, adapters, generator, layout, groups):
     prompt = "나: 안녕\n하루:"
     reference = load_backend(tiny_model_dir)
     ids = reference.tokenizer(prompt, return_tensors="pt").input_ids
-    expected = []
-    for ref in adapters[:2]:
+    expected = {}
+    for i, ref in enumerate(adapters[:2]):
         reference.load_adapter(ref.name, ref.path)
         with torch.no_grad(), reference._use_adapter(ref.name):
-            expected.append(reference.model(ids).logits[0])
+            expected[i] = reference.model(ids).logits[0]
     with torch.no_grad(), reference._use_adapter(None):
-        expected.append(reference.model(ids).logits[0])
+        expected[None] = reference.model(ids).logits[0]
 
     slots = [generator.cache.acquire(ref) for ref in adapters[:2]]
     model = generator.backend.model
-    generator.router.set([slots[0], slots[1], -1], model.device)
+    generator.router.set([-1 if i is None else slots[i] for i in layout], model.device)
+    assert len(generator.router.plan.groups) == groups
     with torch.no_grad():
-        logits = model(ids.repeat(3, 1)).logits
+        logits = model(ids.repeat(len(layout), 1)).logits
     generator.router.clear()
-    for row, want in zip(logits, expected):
-        torch.testing.assert_close(row, want, atol=2e-4, rtol=1e-4)
-    assert not torch.allclose(expected[0], expected[1]) and not torch.allclose(expected[0], expected[2])
+    for row, i in zip(logits, layout):
+        torch.testing.assert_close(row, expected[i], atol=2e-4, rtol=1e-4)
+    assert not torch.allclose(expected[0], expected[1]) and not torch.allclose(expected[0], expected[None])
+
+
+def test_the_model_is_loaded_and_served_on_the_worker_thread(tiny_model_dir):
+    loaded_on = []
+
+    def load() -> ModelBackend:
+        loaded_on.append(threading.current_thread().name)
+        return load_backend(tiny_model_dir)
+
+    generator = LocalGenerator(load, ServingSettings())
+    try:
+        assert loaded_on == ["banryeo-model"] and generator.backend.model is not None
+        [sample] = generator.submit("나: 안녕\n하루:", 1, GREEDY, [], None).result(timeout=60)
+        assert sample.text
+        assert generator.call(lambda: threading.current_thread().name).result(timeout=30) == "banryeo-model"
+        with pytest.raises(ZeroDivisionError):  # other work on the model's thread; its errors come back
+            generator.call(lambda: 1 / 0).result(timeout=30)
+    finally:
+        generator.close()
+    with pytest.raises(ModelError, match="does not exist"):  # a load error reaches the caller
+        LocalGenerator.load(ModelSettings(name="/no/such/model"), ServingSettings())
 
 
 async def test_concurrent_users_never_get_each_others_adapter(adapters, generator):
