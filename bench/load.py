@@ -25,7 +25,8 @@ import torch
 from bot.config import load_settings
 from bot.engine import DialogueEngine, EngineError, UserRef
 from bot.lineage import adapter_name
-from bot.model import ModelBackend, resolve_model_path
+from bot.model import resolve_model_path
+from bot.serving import LocalGenerator
 from bot.store import Store
 from persona import PersonaLibrary
 from random_adapters import make_random_adapters  # bench/random_adapters.py
@@ -52,12 +53,12 @@ async def main() -> None:
                                  sampling={"max_new_tokens": args.tokens},
                                  serving={"max_adapters": args.max_adapters, "batch_window_ms": 20})
         store = Store(settings.storage.db_path)
-        backend = ModelBackend.load(settings.model)
+        generator = LocalGenerator.load(settings.model, settings.serving)  # the model on its own thread, as the bot does
         paths = make_random_adapters(resolve_model_path(settings.model), root / "adapters", args.users * 3 // 2)
         users = [UserRef("bench", str(i)) for i in range(args.users)]
         for user, path in zip(users, paths):
             store.set_serving(user.id, store.add_generation(user.id, 1, str(path), None, "promoted", {}, 0))
-        engine = DialogueEngine(store, backend, PersonaLibrary(), settings)
+        engine = DialogueEngine(store, generator.backend, PersonaLibrary(), settings, generator)
 
         latencies: list[float] = []
         sent = answered = refused = mixed = 0
@@ -100,7 +101,7 @@ async def main() -> None:
         engine.close()
         store.close()
 
-    print(f"{args.users} users for {elapsed:.0f} s on {settings.model.name} ({backend.model.dtype}, "
+    print(f"{args.users} users for {elapsed:.0f} s on {settings.model.name} ({generator.backend.model.dtype}, "
           f"{torch.get_num_threads()} threads), {settings.sampling.candidates} candidates x {args.tokens} tokens, "
           f"{args.max_adapters} resident adapters at most")
     print(f"  messages sent {sent}, answered {answered}, refused {refused}, unanswered {sent - answered - refused}")
@@ -109,7 +110,8 @@ async def main() -> None:
           f"p95 {percentile(latencies, 0.95):.1f} s")
     print(f"  batches {stats['batches']} (mean {stats['rows'] / max(stats['batches'], 1):.1f} sequences), "
           f"adapter loads {stats['adapter_loads']} ({stats['adapter_load_seconds']:.1f} s), "
-          f"evictions {stats['evictions']}")
+          f"evictions {stats['evictions']}, persona-prefix cache hits {stats['prefix_hits']} / misses "
+          f"{stats['prefix_misses']}")
     if swap_seconds:
         waits = list(swap_seconds.values())
         print(f"  swap: {len(waits)}/{len(promoted_at)} promoted users answered on the new generation; "

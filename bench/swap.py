@@ -20,7 +20,8 @@ from pathlib import Path
 
 from bot.config import load_settings
 from bot.engine import DialogueEngine, UserRef
-from bot.model import ModelBackend, resolve_model_path
+from bot.model import resolve_model_path
+from bot.serving import LocalGenerator
 from bot.store import Store
 from persona import PersonaLibrary
 from random_adapters import make_random_adapters  # bench/random_adapters.py
@@ -36,10 +37,10 @@ async def main() -> None:
         settings = load_settings(storage={"data_dir": root / "data"}, sampling={"max_new_tokens": args.tokens,
                                                                                  "min_new_tokens": args.tokens})
         store = Store(settings.storage.db_path)
-        backend = ModelBackend.load(settings.model)
+        generator = LocalGenerator.load(settings.model, settings.serving)  # the model on its own thread, as the bot does
         paths = make_random_adapters(resolve_model_path(settings.model), root / "adapters", args.swaps + 1)
         user = UserRef("bench", "swap")
-        engine = DialogueEngine(store, backend, PersonaLibrary(), settings)
+        engine = DialogueEngine(store, generator.backend, PersonaLibrary(), settings, generator)
         parent = store.add_generation(user.id, 1, str(paths[0]), None, "promoted", {}, 0)
         store.set_serving(user.id, parent)
 
@@ -64,7 +65,7 @@ async def main() -> None:
         engine.close()
         store.close()
     steady_median, swapped_median = statistics.median(steady), statistics.median(swapped)
-    print(f"{args.swaps} promotions, 3 candidates x {args.tokens} tokens, {settings.model.name} ({backend.model.dtype})")
+    print(f"{args.swaps} promotions, 3 candidates x {args.tokens} tokens, {settings.model.name} ({generator.backend.model.dtype})")
     print(f"  reply on the serving generation      {steady_median:6.2f} s (median)")
     print(f"  first reply after a promotion        {swapped_median:6.2f} s (median)")
     print(f"  swap cost                            {swapped_median - steady_median:+6.2f} s "

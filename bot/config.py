@@ -125,8 +125,9 @@ class ServingSettings(_Section):
     max_rank: int = Field(16, ge=1, le=256, description="highest LoRA rank the local server accepts")
     merged_adapters: int = Field(2, ge=0, le=64, description="adapters also kept merged into a copy of the "
                                  "weights, for batches that need one adapter alone (no per-token LoRA cost)")
-    prefix_cache: int = Field(16, ge=0, le=4096, description="persona prefixes (per adapter) whose KV cache is "
-                              "kept, so a reply computes only the conversation; 0 turns this off")
+    prefix_cache: int = Field(64, ge=0, le=4096, description="persona prefixes (per adapter) whose KV cache is "
+                              "kept, so a reply computes only the conversation (about 9 MB each for the "
+                              "embedded model in bfloat16; more for larger models); 0 turns this off")
     batch_window_ms: float = Field(8, ge=0, le=1000, description="how long a batch waits for more requests")
     max_batch_rows: int = Field(24, ge=1, le=256, description="sequences (requests x candidates) per batch")
     max_queue: int = Field(64, ge=1, description="requests waiting for the model; beyond it users hear 'busy'")
