@@ -138,7 +138,7 @@ def main() -> None:
             job()
         while not generator.stats()["merged"]:  # the adapter is folded in while the worker is idle
             time.sleep(0.05)
-        notes.append(f"merging the adapter into a copy of the {backend.model.dtype} weights took "
+        notes.append(f"merging the adapter into a copy of the {dtype} weights took "
                      f"{generator.stats()['merge_seconds']:.2f} s (once, while the worker was idle)")
         runs: dict[str, list[tuple[float, int]]] = {name: [] for name in jobs}
         for _ in range(args.repeats):

@@ -35,7 +35,8 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         settings = load_settings(storage={"data_dir": root / "data"}, sampling={"max_new_tokens": args.tokens,
-                                                                                 "min_new_tokens": args.tokens})
+                                                                                 "min_new_tokens": args.tokens},
+                                 chat={"messages_per_minute": 1000})  # one user, faster than a person types
         store = Store(settings.storage.db_path)
         generator = LocalGenerator.load(settings.model, settings.serving)  # the model on its own thread, as the bot does
         paths = make_random_adapters(resolve_model_path(settings.model), root / "adapters", args.swaps + 1)
