@@ -5,8 +5,9 @@
 
 `prefix` (optional) is the start of the prompt that many chats share, the persona and its example
 dialogue: its KV cache is computed once per adapter and reused. Every generator has the same
-interface: `sample` is awaited from the event loop and never blocks it; the adapter a request uses is fixed when the request is made (an `AdapterRef`, or None for the
-base model), so a promotion in the middle of a reply never changes the weights it is sampled with.
+interface: `sample` is awaited from the event loop and never blocks it; the adapter a request uses is
+fixed when the request is made (an `AdapterRef`, or None for the base model), so a promotion in the
+middle of a reply never changes the weights it is sampled with.
 """
 
 from __future__ import annotations
@@ -102,8 +103,8 @@ class MultiLoraLinear(nn.Module):
     """A linear layer plus a bank of LoRA slots; each batch row adds the update of its own slot.
 
     For a mixed batch, each row group's A and B are gathered once per batch into [groups, in, r] and
-    [groups, r, out], so a step costs two batched matmuls (added in place to the base output) whatever the
-    mix of users, instead of a loop over adapters. A batch that needs one adapter alone runs on a
+    [groups, r, out], so a step costs two batched matmuls (added in place to the base output) whatever
+    the mix of users, instead of a loop over adapters. A batch that needs one adapter alone runs on a
     merged copy of the layer when one is ready (`merged`, filled by `AdapterCache.merge`): then the
     adapter costs nothing per token.
     """

@@ -53,28 +53,64 @@ def generator(tiny_model_dir):
     ([0, 0, 1, 1, None, None], 3),       # two candidates per request: each pair reads its adapter once
     ([0, 0, 0, 1, None, None], 6),       # runs of 3, 1 and 2 rows: no common group, row by row
 ])
-def test_a_mixed_batch_matches_peft_one_adapter_at_a_time(tiny_model_dir, adapters, generator, layout, groups):
-    prompt = "나: 안녕\n하루:"
-    reference = load_backend(tiny_model_dir)
-    ids = reference.tokenizer(prompt, return_tensors="pt").input_ids
+def peft_logits(model_dir, adapters: list[AdapterRef], ids: torch.Tensor) -> dict[int | None, torch.Tensor]:
+    """Float32 logits of one prompt from peft, for each adapter by index and for the base (None)."""
+    reference = load_backend(model_dir)
     expected = {}
-    for i, ref in enumerate(adapters[:2]):
+    for i, ref in enumerate(adapters):
         reference.load_adapter(ref.name, ref.path)
         with torch.no_grad(), reference._use_adapter(ref.name):
             expected[i] = reference.model(ids).logits[0]
     with torch.no_grad(), reference._use_adapter(None):
         expected[None] = reference.model(ids).logits[0]
+    return expected
 
-    slots = [generator.cache.acquire(ref) for ref in adapters[:2]]
+
+def mixed_batch_logits(generator: LocalGenerator, adapters: list[AdapterRef], ids: torch.Tensor,
+                       layout: list[int | None]) -> tuple[torch.Tensor, int]:
+    """Logits of `ids` repeated once per entry of `layout` (an adapter's index, or None for the base),
+    each row on its own adapter in one forward pass; and how many row groups the batch was split into."""
+    slots = [generator.cache.acquire(ref) for ref in adapters]
     model = generator.backend.model
     generator.router.set([-1 if i is None else slots[i] for i in layout], model.device)
-    assert len(generator.router.plan.groups) == groups
-    with torch.no_grad():
-        logits = model(ids.repeat(len(layout), 1)).logits
-    generator.router.clear()
+    groups = len(generator.router.plan.groups)
+    try:
+        with torch.no_grad():
+            return model(ids.repeat(len(layout), 1)).logits.float(), groups
+    finally:
+        generator.router.clear()
+
+
+@pytest.mark.parametrize("layout, groups", [
+    ([0, 1, None], 3),                   # one row per request
+    ([0, 0, 1, 1, None, None], 3),       # two candidates per request: each pair reads its adapter once
+    ([0, 0, 0, 1, None, None], 6),       # runs of 3, 1 and 2 rows: no common group, row by row
+])
+def test_a_mixed_batch_matches_peft_one_adapter_at_a_time(tiny_model_dir, adapters, generator, layout, groups):
+    ids = generator.backend.tokenizer("나: 안녕\n하루:", return_tensors="pt").input_ids
+    expected = peft_logits(tiny_model_dir, adapters[:2], ids)
+    logits, planned = mixed_batch_logits(generator, adapters[:2], ids, layout)
+    assert planned == groups
     for row, i in zip(logits, layout):
         torch.testing.assert_close(row, expected[i], atol=2e-4, rtol=1e-4)
     assert not torch.allclose(expected[0], expected[1]) and not torch.allclose(expected[0], expected[None])
+
+
+def test_a_bfloat16_mixed_batch_follows_each_rows_adapter(tiny_model_dir, adapters):
+    # bfloat16 weights, float32 slot banks: the update is cast into each row's bfloat16 output
+    backend = ModelBackend.load(ModelSettings(name=str(tiny_model_dir), dtype="bfloat16", prompt_format="transcript"))
+    generator = LocalGenerator(backend, ServingSettings(max_adapters=2))
+    try:
+        ids = backend.tokenizer("나: 안녕\n하루:", return_tensors="pt").input_ids
+        expected = peft_logits(tiny_model_dir, adapters[:2], ids)
+        layout = [0, 0, 1, 1, None, None]
+        logits, _ = mixed_batch_logits(generator, adapters[:2], ids, layout)
+        for row, i in zip(logits, layout):
+            distances = {j: (row - want).norm() / want.norm() for j, want in expected.items()}
+            assert min(distances, key=distances.get) == i, distances
+            assert distances[i] < 0.05  # bfloat16 rounding, not another adapter's weights
+    finally:
+        generator.close()
 
 
 def test_the_model_is_loaded_and_served_on_the_worker_thread(tiny_model_dir):
