@@ -22,13 +22,11 @@ from pathlib import Path
 
 import torch
 
+from bot.cli import build_engine
 from bot.config import load_settings
-from bot.engine import DialogueEngine, EngineError, UserRef
+from bot.engine import EngineError, UserRef
 from bot.lineage import adapter_name
 from bot.model import resolve_model_path
-from bot.serving import LocalGenerator
-from bot.store import Store
-from persona import PersonaLibrary
 from random_adapters import make_random_adapters  # bench/random_adapters.py
 
 MESSAGES = ["오늘 너무 피곤했어", "저녁 뭐 먹지?", "주말에 뭐 할까", "고양이가 또 토했어", "시험 망쳤어 ㅠㅠ",
@@ -52,13 +50,12 @@ async def main() -> None:
         settings = load_settings(storage={"data_dir": root / "data"}, schedule={"enabled": False},
                                  sampling={"max_new_tokens": args.tokens},
                                  serving={"max_adapters": args.max_adapters, "batch_window_ms": 20})
-        store = Store(settings.storage.db_path)
-        generator = LocalGenerator.load(settings.model, settings.serving)  # the model on its own thread, as the bot does
+        engine = build_engine(settings)  # wired as the bot wires it: the model on its own thread
+        store = engine.store
         paths = make_random_adapters(resolve_model_path(settings.model), root / "adapters", args.users * 3 // 2)
         users = [UserRef("bench", str(i)) for i in range(args.users)]
         for user, path in zip(users, paths):
             store.set_serving(user.id, store.add_generation(user.id, 1, str(path), None, "promoted", {}, 0))
-        engine = DialogueEngine(store, generator.backend, PersonaLibrary(), settings, generator)
 
         latencies: list[float] = []
         sent = answered = refused = mixed = 0
@@ -101,7 +98,7 @@ async def main() -> None:
         engine.close()
         store.close()
 
-    print(f"{args.users} users for {elapsed:.0f} s on {settings.model.name} ({generator.backend.model.dtype}, "
+    print(f"{args.users} users for {elapsed:.0f} s on {settings.model.name} ({engine.backend.model.dtype}, "
           f"{torch.get_num_threads()} threads), {settings.sampling.candidates} candidates x {args.tokens} tokens, "
           f"{args.max_adapters} resident adapters at most")
     print(f"  messages sent {sent}, answered {answered}, refused {refused}, unanswered {sent - answered - refused}")

@@ -18,12 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bot.cli import build_engine
 from bot.config import load_settings
-from bot.engine import DialogueEngine, UserRef
+from bot.engine import UserRef
 from bot.model import resolve_model_path
-from bot.serving import LocalGenerator
-from bot.store import Store
-from persona import PersonaLibrary
 from random_adapters import make_random_adapters  # bench/random_adapters.py
 
 
@@ -37,11 +35,10 @@ async def main() -> None:
         settings = load_settings(storage={"data_dir": root / "data"}, sampling={"max_new_tokens": args.tokens,
                                                                                  "min_new_tokens": args.tokens},
                                  chat={"messages_per_minute": 1000})  # one user, faster than a person types
-        store = Store(settings.storage.db_path)
-        generator = LocalGenerator.load(settings.model, settings.serving)  # the model on its own thread, as the bot does
+        engine = build_engine(settings)  # wired as the bot wires it: the model on its own thread
+        store = engine.store
         paths = make_random_adapters(resolve_model_path(settings.model), root / "adapters", args.swaps + 1)
         user = UserRef("bench", "swap")
-        engine = DialogueEngine(store, generator.backend, PersonaLibrary(), settings, generator)
         parent = store.add_generation(user.id, 1, str(paths[0]), None, "promoted", {}, 0)
         store.set_serving(user.id, parent)
 
@@ -66,7 +63,7 @@ async def main() -> None:
         engine.close()
         store.close()
     steady_median, swapped_median = statistics.median(steady), statistics.median(swapped)
-    print(f"{args.swaps} promotions, 3 candidates x {args.tokens} tokens, {settings.model.name} ({generator.backend.model.dtype})")
+    print(f"{args.swaps} promotions, 3 candidates x {args.tokens} tokens, {settings.model.name} ({engine.backend.model.dtype})")
     print(f"  reply on the serving generation      {steady_median:6.2f} s (median)")
     print(f"  first reply after a promotion        {swapped_median:6.2f} s (median)")
     print(f"  swap cost                            {swapped_median - steady_median:+6.2f} s "

@@ -219,13 +219,10 @@ class ModelBackend:
         inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not self.use_chat_template)
         inputs = inputs.to(self.model.device)
         inputs = {key: value.repeat(n, 1) for key, value in inputs.items()}  # one row per candidate
-        kwargs = dict(generate_kwargs(sampling), pad_token_id=self.tokenizer.pad_token_id)
-        if stop:
-            kwargs.update(stop_strings=stop, tokenizer=self.tokenizer)
         with self.lock, self._use_adapter(adapter):
             if self._generator_seed is not None:
                 torch.manual_seed(self._generator_seed)
-            output = self.model.generate(**inputs, **kwargs)
+            output = self.model.generate(**inputs, **generate_kwargs(sampling, self.tokenizer, stop))
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         return [self.decode_sample(row, stop) for row in new_tokens]
 

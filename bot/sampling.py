@@ -1,6 +1,6 @@
 """Top-p sampling that never sorts the whole vocabulary.
 
-    output = model.generate(**inputs, **generate_kwargs(settings.sampling), max_new_tokens=48)
+    output = model.generate(**inputs, **generate_kwargs(settings.sampling, tokenizer, stop=["\\n"]))
 
 transformers' top-p warper sorts every logit at every step, and its multinomial draw then scans the
 whole vocabulary again: with Gemma 3's 262k tokens that was about 40% of a reply's time on the CPU.
@@ -71,12 +71,16 @@ class NucleusSampler(LogitsProcessor):
         return padded_probs, padded_tokens
 
 
-def generate_kwargs(sampling: SamplingSettings) -> dict:
-    """The `generate` arguments for sampling with these settings through `NucleusSampler`."""
+def generate_kwargs(sampling: SamplingSettings, tokenizer, stop: list[str] | tuple[str, ...] = ()) -> dict:
+    """The `generate` arguments for sampling with these settings through `NucleusSampler`, padding with
+    `tokenizer`'s pad token and stopping at any of `stop`."""
     kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None,
                   logits_processor=LogitsProcessorList([NucleusSampler(sampling.temperature, sampling.top_p,
                                                                        sampling.top_k)]),
-                  repetition_penalty=sampling.repetition_penalty, max_new_tokens=sampling.max_new_tokens)
+                  repetition_penalty=sampling.repetition_penalty, max_new_tokens=sampling.max_new_tokens,
+                  pad_token_id=tokenizer.pad_token_id)
     if sampling.min_new_tokens:
         kwargs["min_new_tokens"] = sampling.min_new_tokens
+    if stop:
+        kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
     return kwargs

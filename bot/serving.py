@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import itertools
 import json
 import logging
@@ -417,7 +418,8 @@ class LocalGenerator:
         self._closed = False
         self.batches = self.rows = 0
         self._running = 0  # requests in the batch being generated
-        self._prefixes: OrderedDict[tuple[str | None, str], tuple[torch.Tensor, object]] = OrderedDict()  # -> tokens, KV
+        self._prefixes: OrderedDict[tuple[str | None, str], object] = OrderedDict()  # (adapter, prefix) -> KV cache
+        self._prefix_tokens = functools.lru_cache(maxsize=64)(self._tokenize_prefix)  # one per persona prompt
         self.prefix_hits = self.prefix_misses = 0
         ready: Future = Future()
         self._thread = threading.Thread(target=self._work, args=(backend, ready), name="banryeo-model", daemon=True)
@@ -443,23 +445,22 @@ class LocalGenerator:
                adapter: AdapterRef | None, prefix: str = "") -> Future:
         """Queue a request from any thread; the future holds its samples (or the error)."""
         request = _Request(prompt, n, sampling, tuple(stop), adapter, Future(), prefix)
-        with self._changed:
-            if self._closed:
-                raise RuntimeError("the generator is closed")
-            self._queue.append(request)
-            self._changed.notify()
+        self._put(self._queue, request)
         return request.future
 
     def call(self, function: Callable[[], object]) -> Future:
         """Run `function` on the model's thread between batches (e.g. a benchmark's other torch work,
         which would otherwise start a second OpenMP team, see the class docstring)."""
         future: Future = Future()
+        self._put(self._calls, (function, future))
+        return future
+
+    def _put(self, queue: deque, item: object) -> None:
         with self._changed:
             if self._closed:
                 raise RuntimeError("the generator is closed")
-            self._calls.append((function, future))
+            queue.append(item)
             self._changed.notify()
-        return future
 
     def pending(self) -> int:
         return len(self._queue) + self._running
@@ -599,26 +600,26 @@ class LocalGenerator:
         """(tokens covered, a private copy of their KV cache) for the request's shared prefix, or (0, None)."""
         if not request.prefix or not self.serving.prefix_cache:
             return 0, None
-        key = (request.adapter.name if request.adapter else None, request.prefix)
-        entry = self._prefixes.get(key)
-        if entry is None:
-            # all but the prefix's last token, which may merge with what follows it in the whole prompt
-            tokens = self.backend.tokenizer(request.prefix, add_special_tokens=not self.backend.use_chat_template,
-                                            return_tensors="pt").input_ids[0, :-1].to(context.device)
-        else:
-            tokens = entry[0]
+        tokens = self._prefix_tokens(request.prefix).to(context.device)
         # usable only if the prompt's own tokens start with these (checked, never assumed)
         if not 0 < len(tokens) < len(context) or not torch.equal(context[:len(tokens)], tokens):
             return 0, None
-        if entry is None:
+        key = (request.adapter.name if request.adapter else None, request.prefix)
+        cache = self._prefixes.get(key)
+        if cache is None:
             self.prefix_misses += 1
-            entry = self._prefixes[key] = (tokens, self._forward(tokens, 0, None))
+            cache = self._prefixes[key] = self._forward(tokens, 0, None)
             while len(self._prefixes) > self.serving.prefix_cache:
                 self._prefixes.popitem(last=False)
         else:
             self.prefix_hits += 1
             self._prefixes.move_to_end(key)
-        return len(tokens), copy.deepcopy(entry[1])
+        return len(tokens), copy.deepcopy(cache)
+
+    def _tokenize_prefix(self, prefix: str) -> torch.Tensor:
+        """All but the prefix's last token, which may merge with what follows it in the whole prompt."""
+        return self.backend.tokenizer(prefix, add_special_tokens=not self.backend.use_chat_template,
+                                      return_tensors="pt").input_ids[0, :-1]
 
     def _forward(self, tokens: torch.Tensor, start: int, cache):
         """Extend `cache` (None: a new one) by `tokens`, which sit at positions start, start+1, ..."""
@@ -634,9 +635,7 @@ class LocalGenerator:
         inputs = tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True,
                            add_special_tokens=not backend.use_chat_template).to(backend.model.device)
         s, stop = requests[0].sampling, list(requests[0].stop)
-        kwargs = dict(generate_kwargs(s), pad_token_id=tokenizer.pad_token_id)
-        if stop:
-            kwargs.update(stop_strings=stop, tokenizer=tokenizer)
+        kwargs = generate_kwargs(s, tokenizer, stop)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         rows = torch.tensor([i for i, r in enumerate(requests) for _ in range(r.n)], device=ids.device)
         with backend.lock:

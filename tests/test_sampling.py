@@ -53,13 +53,13 @@ def test_generate_samples_through_it_with_transformers_length_rules(tiny_model_d
     sampling = SamplingSettings(max_new_tokens=12, min_new_tokens=12)
     with torch.inference_mode():
         torch.manual_seed(3)
-        rows = backend.model.generate(**{k: v.repeat(4, 1) for k, v in inputs.items()}, **generate_kwargs(sampling),
-                                      pad_token_id=backend.tokenizer.pad_token_id)
+        rows = backend.model.generate(**{k: v.repeat(4, 1) for k, v in inputs.items()},
+                                      **generate_kwargs(sampling, backend.tokenizer))
         greedy = backend.model.generate(**inputs, do_sample=False, max_new_tokens=12,
                                         pad_token_id=backend.tokenizer.pad_token_id)
         top1 = backend.model.generate(**inputs, **generate_kwargs(SamplingSettings(top_k=1, max_new_tokens=12,
-                                                                                   repetition_penalty=1.0)),
-                                      pad_token_id=backend.tokenizer.pad_token_id)
+                                                                                   repetition_penalty=1.0),
+                                                                  backend.tokenizer))
     new = rows[:, inputs.input_ids.shape[1]:]
     assert new.shape == (4, 12) and not (new == backend.tokenizer.eos_token_id).any()  # min_new_tokens held
     assert len({tuple(r.tolist()) for r in new}) > 1  # sampled, not greedy
