@@ -88,7 +88,7 @@ def main() -> None:
     notes: list[str] = []
     loop = asyncio.new_event_loop()
     work = Path(tempfile.mkdtemp(prefix="banryeo-bench-"))
-    [folder] = make_random_adapters(prepare_embedded(settings.model.cache_dir), work, 1)
+    [folder] = make_random_adapters(prepare_embedded(settings.model.cache_dir), work, 1, settings.training)
     adapter = AdapterRef("user-bench-gen-1", folder)
     try:
         import llama_cpp

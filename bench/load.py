@@ -52,7 +52,8 @@ async def main() -> None:
                                  serving={"max_adapters": args.max_adapters, "batch_window_ms": 20})
         engine = build_engine(settings)  # wired as the bot wires it: the model on its own thread
         store = engine.store
-        paths = make_random_adapters(resolve_model_path(settings.model), root / "adapters", args.users * 3 // 2)
+        paths = make_random_adapters(resolve_model_path(settings.model), root / "adapters", args.users * 3 // 2,
+                                     settings.training)
         users = [UserRef("bench", str(i)) for i in range(args.users)]
         for user, path in zip(users, paths):
             store.set_serving(user.id, store.add_generation(user.id, 1, str(path), None, "promoted", {}, 0))

@@ -1,4 +1,5 @@
-"""Random LoRA adapters for the serving benchmarks: same shape as a nightly generation (r16, all linears)."""
+"""Random LoRA adapters for the serving benchmarks: same shape as a nightly generation (the configured
+`training.lora_r` and `lora_alpha`, all linear layers)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from pathlib import Path
 
 import torch
 
+from bot.config import TrainingSettings
 
-def make_random_adapters(model_dir: str | Path, out: Path, count: int, scale: float = 0.02) -> list[Path]:
+
+def make_random_adapters(model_dir: str | Path, out: Path, count: int, training: TrainingSettings,
+                         scale: float = 0.02) -> list[Path]:
     """`count` peft LoRA folders with random non-zero weights, saved under `out`.
 
     The work runs on a thread that ends with it, so that its OpenMP threads end too and the model's
@@ -18,7 +22,7 @@ def make_random_adapters(model_dir: str | Path, out: Path, count: int, scale: fl
 
     def make() -> None:
         try:
-            paths.extend(_make(model_dir, out, count, scale))
+            paths.extend(_make(model_dir, out, count, training, scale))
         except BaseException as exc:
             errors.append(exc)
 
@@ -30,12 +34,13 @@ def make_random_adapters(model_dir: str | Path, out: Path, count: int, scale: fl
     return paths
 
 
-def _make(model_dir: str | Path, out: Path, count: int, scale: float) -> list[Path]:
+def _make(model_dir: str | Path, out: Path, count: int, training: TrainingSettings, scale: float) -> list[Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+                           LoraConfig(r=training.lora_r, lora_alpha=training.lora_alpha,
+                                      target_modules="all-linear"))
     paths = []
     for i in range(count):
         torch.manual_seed(i)

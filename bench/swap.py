@@ -37,7 +37,8 @@ async def main() -> None:
                                  chat={"messages_per_minute": 1000})  # one user, faster than a person types
         engine = build_engine(settings)  # wired as the bot wires it: the model on its own thread
         store = engine.store
-        paths = make_random_adapters(resolve_model_path(settings.model), root / "adapters", args.swaps + 1)
+        paths = make_random_adapters(resolve_model_path(settings.model), root / "adapters", args.swaps + 1,
+                                     settings.training)
         user = UserRef("bench", "swap")
         parent = store.add_generation(user.id, 1, str(paths[0]), None, "promoted", {}, 0)
         store.set_serving(user.id, parent)

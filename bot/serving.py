@@ -71,22 +71,25 @@ class LoraRouter:
         self.plan: BatchPlan | None = None
         self._versions = itertools.count(1)
 
-    def set(self, row_slots: list[int], device: torch.device, merged: frozenset[int] = frozenset()) -> None:
+    def set(self, row_slots: list[int], device: torch.device, merged: frozenset[int] = frozenset(),
+            rank: int | None = None) -> None:
         """`row_slots[i]` is the slot of batch row i, or -1 for the base model; `merged` are the slots
-        whose weights are folded into a copy of the layers (used when a batch needs that slot alone)."""
+        whose weights are folded into a copy of the layers (used when a batch needs that slot alone);
+        `rank` is the highest rank among the slots (the banks' columns beyond it are zero and not read)."""
         active = {s for s in row_slots if s >= 0}
         if not active:
             self.plan = None
         elif len(active) == 1 and -1 not in row_slots:  # every row on one adapter
             slot = active.pop()
-            self.plan = BatchPlan(next(self._versions), slot=slot, merged=slot if slot in merged else None)
+            self.plan = BatchPlan(next(self._versions), slot=slot, merged=slot if slot in merged else None, rank=rank)
         else:
             # A request's candidates are consecutive rows on one slot. Rows are split into groups of
             # the largest size that divides every run of equal slots, so each group reads its
             # adapter's weights once (per row, a request of 3 candidates would read them 3 times).
             size = math.gcd(*(len(list(run)) for _, run in itertools.groupby(row_slots)))
             # -1 indexes each bank's last slot, which stays zero: the base model
-            self.plan = BatchPlan(next(self._versions), groups=torch.tensor(row_slots[::size], device=device))
+            self.plan = BatchPlan(next(self._versions), groups=torch.tensor(row_slots[::size], device=device),
+                                  rank=rank)
 
     def clear(self) -> None:
         self.plan = None
@@ -98,13 +101,14 @@ class BatchPlan:
     slot: int | None = None             # every row uses this slot ...
     merged: int | None = None           # ... whose merged layers are ready
     groups: torch.Tensor | None = None  # or: the slot of each group of consecutive rows (-1: the base model)
+    rank: int | None = None             # bank columns read (None: all)
 
 
 class MultiLoraLinear(nn.Module):
     """A linear layer plus a bank of LoRA slots; each batch row adds the update of its own slot.
 
     For a mixed batch, each row group's A and B are gathered once per batch into [groups, in, r] and
-    [groups, r, out], so a step costs two batched matmuls (added in place to the base output) whatever
+    [groups, r, out] (r: the highest rank among the batch's adapters, not the bank's), so a step costs two batched matmuls (added in place to the base output) whatever
     the mix of users, instead of a loop over adapters. A batch that needs one adapter alone runs on a
     merged copy of the layer when one is ready (`merged`, filled by `AdapterCache.merge`): then the
     adapter costs nothing per token.
@@ -137,11 +141,11 @@ class MultiLoraLinear(nn.Module):
         if plan.merged is not None:
             return self.merged[plan.merged](x)
         y = self.base(x)  # a new tensor: the update is added to it in place (cast to its dtype)
-        x = x.to(self.lora_a.dtype)
+        x, rank = x.to(self.lora_a.dtype), plan.rank
         if plan.groups is None:
-            return y.add_((x @ self.lora_a[plan.slot]) @ self.lora_b[plan.slot])
-        if self._version != plan.version:
-            self._a, self._b = self.lora_a[plan.groups], self.lora_b[plan.groups]
+            return y.add_((x @ self.lora_a[plan.slot, :, :rank]) @ self.lora_b[plan.slot, :rank])
+        if self._version != plan.version:  # a mixed batch reads only the ranks its adapters use
+            self._a, self._b = self.lora_a[:, :, :rank][plan.groups], self.lora_b[:, :rank][plan.groups]
             self._version = plan.version
         x = x.reshape(len(plan.groups), -1, x.shape[-1])
         if y.dtype == self._b.dtype:  # float32 outputs (int8 layers): the update is added by the matmul itself
@@ -202,6 +206,7 @@ class AdapterCache:
         self.rank = rank
         self.free = list(range(slots - 1, -1, -1))
         self.slot_of: OrderedDict[str, int] = OrderedDict()   # resident adapters, least recently used first
+        self.rank_of_slot: dict[int, int] = {}                # the rank each loaded slot holds
         self.refs: Counter[str] = Counter()
         self.superseded: set[str] = set()
         self.max_merged = merged
@@ -240,6 +245,10 @@ class AdapterCache:
         missing = [n for n in names if n not in self.slot_of]
         evictable = sum(1 for n in self.slot_of if self.refs[n] == 0 and n not in names)
         return len(missing) <= len(self.free) + evictable
+
+    def rank_of(self, slots: list[int]) -> int:
+        """The highest rank among `slots` (-1, the base model, has none)."""
+        return max((self.rank_of_slot[s] for s in slots if s >= 0), default=self.rank)
 
     def merged_slots(self) -> frozenset[int]:
         return frozenset(self.slot_of[name] for name in self.merged)
@@ -293,6 +302,7 @@ class AdapterCache:
     def _load(self, ref: AdapterRef, slot: int) -> None:
         started = time.perf_counter()
         weights = read_adapter(ref.path, self.rank, set(self.layers))
+        self.rank_of_slot[slot] = max(a.shape[1] for a, _ in weights.values())
         with torch.no_grad():
             for name, layer in self.layers.items():
                 a, b = weights.get(name, (None, None))
@@ -589,12 +599,15 @@ class LocalGenerator:
         caches = []
         for row, (request, slot) in enumerate(zip(requests, request_slots)):
             context = ids[row, :-1][mask[row, :-1].bool()]
-            self.router.set([slot], self.backend.model.device, self.cache.merged_slots())
+            self._route([slot])
             start, cache = self._cached_prefix(request, context)
             if start < len(context):
                 cache = self._forward(context[start:], start, cache)
             caches.append(cache)
         return left_padded_batch(caches, ids.shape[1] - 1)
+
+    def _route(self, row_slots: list[int]) -> None:
+        self.router.set(row_slots, self.backend.model.device, self.cache.merged_slots(), self.cache.rank_of(row_slots))
 
     def _cached_prefix(self, request: _Request, context: torch.Tensor) -> tuple[int, object]:
         """(tokens covered, a private copy of their KV cache) for the request's shared prefix, or (0, None)."""
@@ -622,10 +635,15 @@ class LocalGenerator:
                                       return_tensors="pt").input_ids[0, :-1]
 
     def _forward(self, tokens: torch.Tensor, start: int, cache):
-        """Extend `cache` (None: a new one) by `tokens`, which sit at positions start, start+1, ..."""
+        """Extend `cache` (None: a new one) by `tokens`, which sit at positions start, start+1, ...
+
+        Only the decoder runs: a prompt's logits are never used, and the LM head is a large part of
+        the weights of a small model (over half of the embedded one's, read once per call)."""
         positions = torch.arange(start, start + len(tokens), device=tokens.device)[None]
-        output = self.backend.model(input_ids=tokens[None], position_ids=positions, cache=cache, use_cache=True,
-                                    logits_to_keep=1)
+        model = self.backend.model
+        decoder = model.get_decoder()
+        head = {"logits_to_keep": 1} if decoder is model else {}  # a model with no separate decoder
+        output = decoder(input_ids=tokens[None], position_ids=positions, cache=cache, use_cache=True, **head)
         return output.get("cache", output.get("past_key_values"))  # named `cache` since transformers 5.x
 
     @torch.inference_mode()
@@ -648,7 +666,7 @@ class LocalGenerator:
                     cache = self._prefill(requests, request_slots, ids, mask)
                     cache.batch_select_indices(rows)
                     kwargs["cache"] = cache
-                self.router.set(row_slots, backend.model.device, self.cache.merged_slots())
+                self._route(row_slots)
                 output = backend.model.generate(input_ids=ids[rows], attention_mask=mask[rows], **kwargs)
             finally:
                 self.router.clear()

@@ -48,11 +48,6 @@ def generator(tiny_model_dir):
     g.close()
 
 
-@pytest.mark.parametrize("layout, groups", [
-    ([0, 1, None], 3),                   # one row per request
-    ([0, 0, 1, 1, None, None], 3),       # two candidates per request: each pair reads its adapter once
-    ([0, 0, 0, 1, None, None], 6),       # runs of 3, 1 and 2 rows: no common group, row by row
-])
 def peft_logits(model_dir, adapters: list[AdapterRef], ids: torch.Tensor) -> dict[int | None, torch.Tensor]:
     """Float32 logits of one prompt from peft, for each adapter by index and for the base (None)."""
     reference = load_backend(model_dir)
@@ -72,8 +67,8 @@ def mixed_batch_logits(generator: LocalGenerator, adapters: list[AdapterRef], id
     each row on its own adapter in one forward pass; and how many row groups the batch was split into."""
     slots = [generator.cache.acquire(ref) for ref in adapters]
     model = generator.backend.model
-    generator.router.set([-1 if i is None else slots[i] for i in layout], model.device)
-    groups = len(generator.router.plan.groups)
+    generator._route([-1 if i is None else slots[i] for i in layout])
+    groups = 1 if generator.router.plan.groups is None else len(generator.router.plan.groups)
     try:
         with torch.no_grad():
             return model(ids.repeat(len(layout), 1)).logits.float(), groups
@@ -94,6 +89,25 @@ def test_a_mixed_batch_matches_peft_one_adapter_at_a_time(tiny_model_dir, adapte
     for row, i in zip(logits, layout):
         torch.testing.assert_close(row, expected[i], atol=2e-4, rtol=1e-4)
     assert not torch.allclose(expected[0], expected[1]) and not torch.allclose(expected[0], expected[None])
+
+
+@pytest.mark.parametrize("layout", [[0, 1, None], [1, 1]])  # a mixed batch; one adapter alone
+def test_adapters_of_lower_ranks_are_served_at_their_rank(tiny_model_dir, adapters, generator, tmp_path, layout):
+    # ranks 4 and 8 in banks of rank 16: the batch reads the first 8 columns, the rank-4 adapter's
+    # columns 4..7 are zeros
+    low = AdapterRef("user-low-gen-1", make_adapter(tiny_model_dir, tmp_path / "low", seed=7, rank=4))
+    pair = [low, adapters[0]]
+    ids = generator.backend.tokenizer("나: 안녕\n하루:", return_tensors="pt").input_ids
+    expected = peft_logits(tiny_model_dir, pair, ids)
+    logits, _ = mixed_batch_logits(generator, pair, ids, layout)
+    assert generator.router.plan is None and generator.serving.max_rank == 16
+    assert generator.cache.rank_of([generator.cache.slot_of[r.name] for r in pair] + [-1]) == 8
+    assert generator.cache.rank_of([generator.cache.slot_of[low.name]]) == 4
+    if len(set(layout)) > 1:  # the mixed batch gathered 8 of the 16 columns
+        layer = next(iter(generator.cache.layers.values()))
+        assert layer._a.shape[-1] == 8 and layer._b.shape[1] == 8
+    for row, i in zip(logits, layout):
+        torch.testing.assert_close(row, expected[i], atol=2e-4, rtol=1e-4)
 
 
 def test_a_bfloat16_mixed_batch_follows_each_rows_adapter(tiny_model_dir, adapters):
