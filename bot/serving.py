@@ -108,8 +108,9 @@ class MultiLoraLinear(nn.Module):
     """A linear layer plus a bank of LoRA slots; each batch row adds the update of its own slot.
 
     For a mixed batch, each row group's A and B are gathered once per batch into [groups, in, r] and
-    [groups, r, out] (r: the highest rank among the batch's adapters, not the bank's), so a step costs two batched matmuls (added in place to the base output) whatever
-    the mix of users, instead of a loop over adapters. A batch that needs one adapter alone runs on a
+    [groups, r, out] (r: the highest rank among the batch's adapters, not the bank's), so a step costs
+    two batched matmuls (added in place to the base output) whatever the mix of users, instead of a
+    loop over adapters. A batch that needs one adapter alone runs on a
     merged copy of the layer when one is ready (`merged`, filled by `AdapterCache.merge`): then the
     adapter costs nothing per token.
     """
@@ -607,7 +608,9 @@ class LocalGenerator:
         return left_padded_batch(caches, ids.shape[1] - 1)
 
     def _route(self, row_slots: list[int]) -> None:
-        self.router.set(row_slots, self.backend.model.device, self.cache.merged_slots(), self.cache.rank_of(row_slots))
+        """Point every MultiLoraLinear at these rows' slots (merged copies and ranks as the cache has them)."""
+        self.router.set(row_slots, self.backend.model.device, self.cache.merged_slots(),
+                        self.cache.rank_of(row_slots))
 
     def _cached_prefix(self, request: _Request, context: torch.Tensor) -> tuple[int, object]:
         """(tokens covered, a private copy of their KV cache) for the request's shared prefix, or (0, None)."""
