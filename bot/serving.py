@@ -110,9 +110,8 @@ class MultiLoraLinear(nn.Module):
     For a mixed batch, each row group's A and B are gathered once per batch into [groups, in, r] and
     [groups, r, out] (r: the highest rank among the batch's adapters, not the bank's), so a step costs
     two batched matmuls (added in place to the base output) whatever the mix of users, instead of a
-    loop over adapters. A batch that needs one adapter alone runs on a
-    merged copy of the layer when one is ready (`merged`, filled by `AdapterCache.merge`): then the
-    adapter costs nothing per token.
+    loop over adapters. A batch that needs one adapter alone runs on a merged copy of the layer when
+    one is ready (`merged`, filled by `AdapterCache.merge`): then the adapter costs nothing per token.
     """
 
     def __init__(self, base: nn.Module, slots: int, rank: int, router: LoraRouter):

@@ -267,7 +267,7 @@ def logits_on(generator: LocalGenerator, ids: torch.Tensor, row_slots: list[int]
     model = generator.backend.model
     try:
         if row_slots is not None:
-            generator.router.set(row_slots, model.device, generator.cache.merged_slots())
+            generator._route(row_slots)
         with torch.no_grad():
             return model(ids).logits
     finally:
@@ -284,9 +284,9 @@ def test_a_merged_adapter_answers_like_its_slot(tiny_model_dir, adapters, dtype)
         base, unmerged = logits_on(generator, ids, None), logits_on(generator, ids, [slot, slot])
         generator.cache.merge(adapters[0].name)
         merged = logits_on(generator, ids, [slot, slot])
-        generator.router.set([slot, slot], backend.model.device, generator.cache.merged_slots())
+        generator._route([slot, slot])
         assert generator.router.plan.merged == slot  # the merged layers did the work
-        generator.router.set([slot, -1], backend.model.device, generator.cache.merged_slots())
+        generator._route([slot, -1])
         assert generator.router.plan.merged is None  # a row on the base model: back to the slot bank
         generator.router.clear()
         if dtype == "float32":  # (int8 quantises activations per batch, so rows nudge each other's rounding)
