@@ -1,12 +1,14 @@
-"""One night of learning on the embedded model, with figures: a scripted user always picks the reply
-that calls their dog 콩이 over the same reply saying 강아지 (see training/scripted.py).
+"""Nights of learning on the embedded model, with figures: a scripted user teaches one trait the prompt
+does not contain (training/scenarios.py), night after night, through the real rollover and the default gate.
 
-    python bench/learning.py                 # 50 picks (40 trained, 10 held out)
-    python bench/learning.py --picks 120
+    python bench/learning.py                                  # both traits, one night of 60 picks
+    python bench/learning.py --trait fact --nights 10         # 60 new picks a night: history 60 -> 600
+    python bench/learning.py --trait style --nights 30 --picks 20
 
-Prints the gate's figures (held-out pick accuracy against the base, distinct-2, self-BLEU, loops,
-length, KL) and, on everyday prompts where the dog does not belong, how often the name appears and
-how varied the replies are, for the base and the new generation side by side.
+For each trait it prints every night's verdict and cost (minutes, pairs trained, pairs a minute, history
+length), then base vs the first night vs the last night: accuracy on new-topic pairs never stored
+(mean-token, chosen vs the same reply without the trait), how often sampled replies carry the trait
+where it fits and where it does not, distinct-2, loops and length.
 """
 
 from __future__ import annotations
@@ -19,45 +21,72 @@ from bot.config import SamplingSettings, load_settings
 from bot.lineage import adapter_name
 from bot.model import ModelBackend
 from bot.store import Store
-from training import scripted
-from training.gate import sample_stats
+from training import scenarios
+from training.gate import pick_accuracy, sample_stats
 from training.rollover import run_rollover
+
+
+def measure(backend: ModelBackend, settings, scenario: scenarios.Scenario, adapter: str | None) -> dict:
+    count = backend.count_tokens
+    figures = {"accuracy": pick_accuracy(backend, scenarios.test_pairs(settings, count, scenario), adapter)}
+    for where, messages in (("related", scenario.related), ("unrelated", scenario.unrelated)):
+        prompts = [scenarios.prompt_for(settings, count, m) for m in messages]
+        stats = sample_stats(backend, prompts, adapter, settings.gate, SamplingSettings())
+        replies = [t for row in stats["samples"] for t in row]
+        figures[f"trait_{where}"] = sum(scenario.carries(r) for r in replies) / len(replies)
+        if where == "related":
+            figures.update(distinct2=stats["distinct2"], loops=stats["repetition"], length=stats["length"],
+                           examples=replies[:4])
+    return figures
+
+
+def run_trait(key: str, nights: int, picks: int, samples: int) -> None:
+    scenario = scenarios.SCENARIOS[key]
+    user = f"bench:{key}"
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = load_settings(storage={"data_dir": tmp}, training={"min_new_picks": 1},
+                                 gate={"samples_per_context": samples})
+        backend = ModelBackend.load(settings.model)
+        store = Store(settings.storage.db_path)
+        rows = {"base": measure(backend, settings, scenario, None)}
+        print(f"\n{key}: {scenario.marker!r}, {picks} picks a night, {nights} night(s)")
+        for night in range(1, nights + 1):
+            scenarios.add_picks(store, settings, backend.count_tokens, scenario, user, picks, start=(night - 1) * picks)
+            started = time.perf_counter()
+            [outcome] = run_rollover(settings, backend=backend)
+            minutes = (time.perf_counter() - started) / 60
+            m = outcome.metrics or {}
+            print(f"  night {night:2}: {minutes:4.1f} min (training {m.get('train_seconds', 0) / 60:.1f}), "
+                  f"history {m.get('picks', 0)} picks, trained {m.get('train_pairs', 0)} pairs "
+                  f"({m.get('replay_pairs', 0)} replayed), {m.get('pairs_per_minute', 0):.0f} pairs/min")
+            print("           " + outcome.line().partition(": ")[2].replace("\n", "\n           "))
+            if night in (1, nights):
+                serving = store.serving(user)
+                if serving is None:
+                    continue
+                name = adapter_name(serving)
+                backend.load_adapter(name, serving["path"])
+                rows[f"night {night} (gen-{serving['number']})"] = measure(backend, settings, scenario, name)
+                backend.model = backend.model.unload()
+        base = rows["base"]
+        print(f"  {'':22} {'accuracy':>8} {'fits':>6} {'off-topic':>9} {'distinct-2':>10} {'loops':>6} {'length':>7}")
+        for label, r in rows.items():
+            print(f"  {label:22} {r['accuracy']:8.2f} {r['trait_related']:6.0%} {r['trait_unrelated']:9.0%} "
+                  f"{r['distinct2'] / base['distinct2']:9.2f}x {r['loops']:6.0%} {r['length'] / base['length']:6.2f}x")
+        for label, r in rows.items():
+            print(f"  {label}: " + " | ".join(r["examples"]))
+        store.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--picks", type=int, default=50)
-    parser.add_argument("--samples", type=int, default=6, help="samples per everyday prompt")
+    parser.add_argument("--trait", choices=[*scenarios.SCENARIOS, "both"], default="both")
+    parser.add_argument("--nights", type=int, default=1)
+    parser.add_argument("--picks", type=int, default=60, help="new picks a night")
+    parser.add_argument("--samples", type=int, default=6, help="samples per probe prompt")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = load_settings(storage={"data_dir": tmp}, training={"min_new_picks": 1},
-                                 gate={"probe_contexts": 8, "samples_per_context": args.samples})
-        backend = ModelBackend.load(settings.model)
-        store = Store(settings.storage.db_path)
-        card = scripted.persona()
-        scripted.add_scripted_picks(store, backend, card, "bench:kong", args.picks)
-        started = time.perf_counter()
-        [outcome] = run_rollover(settings, backend=backend)
-        elapsed = time.perf_counter() - started
-        m = outcome.metrics
-        print(f"{args.picks} picks, night took {elapsed / 60:.1f} min (training {m['train_seconds'] / 60:.1f} min); "
-              f"gate: {outcome.status} {outcome.reason}")
-        print(f"  held-out pick accuracy  base {m['accuracy_base']:.2f} -> {m['accuracy']:.2f}")
-        for key in ("distinct2", "self_bleu", "repetition", "length"):
-            print(f"  {key:22} base {m[key + '_base']:.3f} -> {m[key]:.3f}")
-        print(f"  KL from base           {m['kl_per_token']:.3f} nats/token")
-        generation = store.serving("bench:kong") or store.generations("bench:kong")[-1]
-        name = adapter_name(generation)
-        backend.load_adapter(name, generation["path"])
-        gate = settings.gate
-        for prompts, label in ((scripted.OPEN_MESSAGES, "everyday prompts"), (scripted.DOG_MESSAGES[:8], "dog prompts")):
-            texts = [scripted.prompt_for(card, message, backend) for message in prompts]
-            for who, adapter in (("base", None), (name, name)):
-                stats = sample_stats(backend, texts, adapter, gate, SamplingSettings())
-                replies = [t for row in stats["samples"] for t in row]
-                print(f"  {label:16} {who:18} name in {scripted.trait_rate(replies):5.1%} of replies, "
-                      f"'{scripted.PLAIN}' in {sum(scripted.PLAIN in r for r in replies) / len(replies):5.1%}, "
-                      f"distinct-2 {stats['distinct2']:.3f}, loops {stats['repetition']:.0%}")
+    for key in scenarios.SCENARIOS if args.trait == "both" else [args.trait]:
+        run_trait(key, args.nights, args.picks, args.samples)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,15 @@ class Admin:
             self.nightly = NightlyRollover(self.settings, self.store)
         return await self.nightly.run_once(force=True, lineage=lineage)
 
+    async def train_now_text(self, language: str | None, lineage: str | None = None) -> str:
+        """`train_now`, told as the admin commands tell it: each lineage's verdict, figures and reasons."""
+        from bot.messages import render
+
+        code, output = await self.train_now(lineage)
+        if code == 0:
+            return render("training_finished", language, result=output or "-")
+        return render("training_failed", language, code=code, result=output)
+
     def chart(self, lineage: str, path: Path) -> Path:
         from training.chart import plot_generations
 

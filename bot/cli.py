@@ -8,6 +8,7 @@
     banryeo config                    # the effective settings (tokens hidden)
     banryeo stats                     # what the database holds
     banryeo backup /backups           # online backup: database, generations, personas (restore: README)
+    banryeo picks import FILE.jsonl   # picks made elsewhere, stored as live ones ('-': stdin; --dry-run: check only)
 
 Learning (admin):
     banryeo train [--lineage ID] [--force]     # run the nightly rollover now
@@ -248,6 +249,45 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_picks(settings: Settings, args: argparse.Namespace) -> int:
+    """Import pick records (format: bot/picks_import.py) all or nothing; every bad line is named on stderr."""
+    import sqlite3
+    from collections import Counter
+
+    from bot.picks_import import (ImportRules, ImportSummary, PickImportError, import_pick_records,
+                                  load_prompt_backend, read_pick_lines, read_text_lines)
+    from bot.store import Store
+
+    source = "standard input" if args.file == "-" else args.file
+    store = Store(settings.storage.db_path)
+    try:
+        records = read_pick_lines(read_text_lines(args.file), ImportRules.of(store, settings), source)
+        if args.dry_run:
+            for user, count in sorted(Counter(record["user"] for record in records).items()):
+                print(f"  {user:24} {_count(count, 'pick')}")
+            summary = ImportSummary.of(records)
+            print(f"would import {_count(summary.picks, 'pick')} for {_count(summary.users, 'user')} (dry run)")
+            return 0
+        backend = load_prompt_backend(settings.model)  # the tokenizer alone: prompts are built, not sampled
+        summary = import_pick_records(store, settings, records, backend.count_tokens,
+                                      chat_template=backend.chat_prompt if backend.use_chat_template else None)
+    except PickImportError as exc:
+        print("\n".join(exc.errors), file=sys.stderr)
+        print(f"banryeo: nothing imported from {source}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:  # the transaction was rolled back
+        print(f"banryeo: nothing imported from {source}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(f"imported {_count(summary.picks, 'pick')} for {_count(summary.users, 'user')}")
+    return 0
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="banryeo", description="Banryeo (반려지능): a companion that learns from your picks")
     parser.add_argument("--config", type=Path, help="TOML config file (default: ./banryeo.toml when present)")
@@ -289,6 +329,11 @@ def make_parser() -> argparse.ArgumentParser:
     chart.add_argument("lineage")
     chart.add_argument("file", type=Path)
     chart.set_defaults(func=cmd_chart)
+    picks = sub.add_parser("picks", help="import picks made elsewhere (JSONL) for the nightly training")
+    picks.add_argument("action", choices=["import"])
+    picks.add_argument("file", help="a JSONL file of pick records, '-' for standard input (format: README)")
+    picks.add_argument("--dry-run", action="store_true", help="check every line and store nothing")
+    picks.set_defaults(func=cmd_picks)
     return parser
 
 

@@ -70,7 +70,13 @@ class TrainingSettings(_Section):
 
     lineage: Literal["per_user", "shared"] = Field("per_user", description="a companion per user, or one for all")
     min_new_picks: int = Field(20, ge=1, description="picks since the last generation needed to train")
-    heldout_fraction: float = Field(0.2, gt=0, lt=1, description="newest share of picks kept for the gate")
+    heldout_fraction: float = Field(0.2, gt=0, lt=1, description="share of new picks held out for the gate "
+                                    "(a different share each night; trained the night after)")
+    min_heldout_picks: int = Field(16, ge=1, description="held out at least this many new picks (at most half)")
+    pairs_per_night: int = Field(192, ge=8, description="training pairs per night: new picks first, then a "
+                                 "replay sample of older ones; bounds a night's cost")
+    replay_share: float = Field(0.25, ge=0, le=0.5, description="share of the budget kept for replaying older "
+                                "picks (when there are any), so earlier lessons are kept")
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     beta: float = Field(0.1, gt=0, description="DPO KL strength: higher stays closer to the base")
@@ -81,7 +87,7 @@ class TrainingSettings(_Section):
     grad_accum: int = Field(2, ge=1)
     max_length: int = Field(1152, ge=64, description="prompt + reply tokens; older turns are trimmed first")
     max_rejected_per_pick: int = Field(2, ge=1)
-    precompute_ref: bool = Field(False, description="compute the base model's log-probs once before training")
+    precompute_ref: bool = Field(True, description="compute the base model's log-probs once before training")
     kto_min_thumbs: int = Field(30, ge=2, description="thumbs (a third of them of each kind) for a KTO stage")
     seed: int = 42
     keep_generations: int = Field(7, ge=1, description="generation folders kept per lineage")
@@ -98,6 +104,10 @@ class GateSettings(_Section):
     max_repetition_rate: float = Field(0.05, ge=0, le=1, description="share of samples with a repetition loop")
     length_band: tuple[float, float] = Field((0.7, 1.4), description="mean reply length relative to the base")
     max_kl_per_token: float = Field(0.5, gt=0, description="Monte-Carlo KL from the base, nats per token")
+    confidence: float = Field(0.9, gt=0.5, lt=1, description="bootstrap interval for held-out accuracy: the gain "
+                              "over the base must be above zero across it, and its top must reach min_accuracy")
+    max_obsession: float = Field(0.3, ge=0, le=1, description="share of replies to unrelated contexts that may "
+                                 "carry what was taught (contexts where the user picked replies without it)")
     probe_contexts: int = Field(12, ge=1, description="held-out contexts sampled for diversity")
     samples_per_context: int = Field(6, ge=2)
 

@@ -321,8 +321,7 @@ def add_commands(tree: app_commands.CommandTree) -> None:
             return
         bot, _, language = engine_of(interaction)
         await interaction.response.send_message(render("training_started", language), ephemeral=True)
-        code, output = await bot.admin.train_now()
-        await interaction.followup.send(fit(f"exit {code}\n{output[-1500:]}"), ephemeral=True)
+        await interaction.followup.send(fit(await bot.admin.train_now_text(language)), ephemeral=True)
 
     @tree.command(name="rollback", description="Admin: serve the previous generation")
     @app_commands.describe(lineage="a user id such as discord:1234, or shared", number="generation number")

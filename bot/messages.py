@@ -195,6 +195,14 @@ MESSAGES: dict[str, dict[str, str]] = {
         "ko": "지금 학습을 시작할게. 끝나면 결과를 알려 줄게.",
         "en": "Training now; I'll report when it is done.",
     },
+    "training_finished": {
+        "ko": "학습 끝:\n{result}",
+        "en": "Training finished:\n{result}",
+    },
+    "training_failed": {
+        "ko": "학습이 실패했어 (exit {code}). 지금 세대가 계속 답해.\n{result}",
+        "en": "Training failed (exit {code}); the serving generation keeps answering.\n{result}",
+    },
     "forget_confirm": {
         "ko": "정말 우리 대화, 네가 고른 답장, 너만의 학습 결과를 모두 지울까? 되돌릴 수 없어.",
         "en": "Really delete our conversations, your picks and what I learned from you? This cannot be undone.",

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -31,6 +32,8 @@ from bot.sampling import generate_kwargs  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
+HEAD_CHUNK = 128  # scored positions per LM head call (each holds a vocabulary of float32 logits)
+
 
 class ModelError(Exception):
     """The model could not be loaded or used; the message says what to fix."""
@@ -45,8 +48,18 @@ class Sample:
     hit_stop: bool
 
 
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes in bfloat16 natively (AVX512-BF16 or AMX); elsewhere torch emulates it,
+    and a bfloat16 backward pass is a hundred times slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
 def resolve_dtype(name: str) -> torch.dtype:
-    """'auto' is bfloat16 on CPU (about 3x faster than float32 here) and on GPUs that support it.
+    """'auto' is bfloat16 on GPUs that support it and on CPUs with bfloat16 instructions, else float32.
 
     'int8' loads float32 weights that `quantize_int8` then turns into dynamic int8 linear layers.
     """
@@ -56,7 +69,7 @@ def resolve_dtype(name: str) -> torch.dtype:
         return getattr(torch, name)
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
 def prepare_embedded(cache_dir: Path) -> Path:
@@ -116,6 +129,8 @@ class ModelBackend:
         self.generation = generation
         self.lock = threading.Lock()
         self._generator_seed = seed
+        self._split_for: object = None  # the model `_split` was checked on (see `_split_model`)
+        self._split: tuple | None = None
 
     @classmethod
     def load(cls, settings: ModelSettings) -> "ModelBackend":
@@ -191,23 +206,118 @@ class ModelBackend:
         self.model.set_adapter(adapter)
         return contextlib.nullcontext()
 
-    @torch.inference_mode()
     def completion_logprobs(self, prompt: str, completions: list[str], adapter: str | None = None
                             ) -> list[tuple[float, int]]:
         """(sum of token log-probs, token count) of each completion after `prompt`."""
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=not self.use_chat_template).input_ids
-        results = []
+        return self.score_completions([(prompt, completion) for completion in completions], adapter)
+
+    @torch.inference_mode()
+    def score_completions(self, items: list[tuple[str, str]], adapter: str | None = None, batch_size: int = 16
+                          ) -> list[tuple[float, int]]:
+        """(sum of the completion's token log-probs, its token count) for each (prompt, completion), in order.
+
+        The completion's tokens are those of `prompt + completion` from the first one that differs from
+        the prompt's own tokenisation (a join can merge tokens across the boundary; then the merged
+        token counts as the completion's). Items run in right-padded batches of `batch_size`, longest
+        first; the decoder runs on every token, the LM head (most of a small model's cost with a large
+        vocabulary) only where a completion token is predicted.
+        """
+        add_special = not self.use_chat_template
+        prompt_ids: dict[str, list[int]] = {}
+        rows: list[tuple[list[int], int]] = []  # (token ids of prompt + completion, first completion index)
+        for prompt, completion in items:
+            if prompt not in prompt_ids:
+                prompt_ids[prompt] = self.tokenizer(prompt, add_special_tokens=add_special).input_ids
+            ids = self.tokenizer(prompt + completion, add_special_tokens=add_special).input_ids
+            rows.append((ids, _completion_start(prompt_ids[prompt], ids)))
+        results: list[tuple[float, int]] = [(0.0, 0)] * len(items)
+        todo = sorted((i for i, (ids, start) in enumerate(rows) if start < len(ids)),
+                      key=lambda i: len(rows[i][0]), reverse=True)
         with self.lock, self._use_adapter(adapter):
-            for completion in completions:
-                ids = self.tokenizer(prompt + completion, add_special_tokens=not self.use_chat_template).input_ids
-                start = len(prompt_ids)
-                if ids[:start] != prompt_ids:  # the join merged tokens at the boundary: score from the first change
-                    start = next(i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b)
-                tensor = torch.tensor([ids], device=self.model.device)
-                logits = self.model(tensor).logits[0, start - 1:-1].float()
-                logprobs = torch.log_softmax(logits, dim=-1).gather(1, tensor[0, start:, None])
-                results.append((logprobs.sum().item(), len(ids) - start))
+            split = self._split_model()
+            for first in range(0, len(todo), max(batch_size, 1)):
+                batch = todo[first:first + max(batch_size, 1)]
+                sums = self._score_batch([rows[i] for i in batch], split)
+                for i, total in zip(batch, sums.tolist()):
+                    ids, start = rows[i]
+                    results[i] = (total, len(ids) - start)
         return results
+
+    def _score_batch(self, rows: list[tuple[list[int], int]], split: tuple | None) -> torch.Tensor:
+        """Summed completion log-probs of these rows, in one right-padded forward. Call under the lock."""
+        device = self.model.device
+        # the last token predicts nothing that is scored: the inputs stop one short of it
+        width = max(len(ids) for ids, _ in rows) - 1
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (ids, _) in enumerate(rows):
+            input_ids[r, :len(ids) - 1] = torch.tensor(ids[:-1])
+            mask[r, :len(ids) - 1] = 1
+        # every scored token: its row, the position whose output predicts it, and the token itself
+        row_of = torch.cat([torch.full((len(ids) - start,), r) for r, (ids, start) in enumerate(rows)]).to(device)
+        position = torch.cat([torch.arange(start - 1, len(ids) - 1) for ids, start in rows]).to(device)
+        target = torch.tensor([t for ids, start in rows for t in ids[start:]], device=device)
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        if split is not None:
+            decoder, logits_of = split
+            hidden = decoder(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+            hidden = hidden[row_of, position]
+            logprobs = torch.cat([_token_logprobs(logits_of(hidden[i:i + HEAD_CHUNK]), target[i:i + HEAD_CHUNK])
+                                  for i in range(0, len(target), HEAD_CHUNK)])
+        else:  # the whole model, logits kept only at the positions some row scores
+            keep = torch.unique(position)
+            logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+            logprobs = _token_logprobs(logits[row_of, torch.searchsorted(keep, position)], target)
+        return torch.zeros(len(rows), dtype=logprobs.dtype, device=device).index_add_(0, row_of, logprobs).cpu()
+
+    def _inner_model(self):
+        """The transformers model inside the peft wrapper, if any. peft injects LoRA layers into its
+        modules in place, so running them applies the active adapter (or none, under `disable_adapter`)."""
+        return self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model
+
+    def _split_model(self) -> tuple | None:
+        """(decoder, logits function) such that logits_of(decoder(ids).last_hidden_state) is exactly the
+        model's logits, or None when the model cannot be split so (its forward then runs whole).
+
+        The logits function is the LM head plus Gemma's final logit soft-capping when configured. It is
+        checked once per model object against the model's own forward on a few tokens, so a model whose
+        forward does anything else to its logits (a logit scale, say) is never scored wrong. Call under
+        the lock.
+        """
+        if self._split_for is not self.model:
+            self._split, self._split_for = self._check_split(), self.model
+        return self._split
+
+    def _check_split(self) -> tuple | None:
+        inner = self._inner_model()
+        try:
+            decoder, head = inner.get_decoder(), inner.get_output_embeddings()
+        except (AttributeError, NotImplementedError, ValueError):
+            return None
+        if decoder is inner or head is None:
+            return None
+
+        def logits_of(hidden: torch.Tensor) -> torch.Tensor:
+            logits = head(hidden)
+            softcap = getattr(inner.config, "final_logit_softcapping", None)
+            if softcap is not None:  # as Gemma3ForCausalLM.forward does it, in the model's dtype
+                logits = logits / softcap
+                logits = torch.tanh(logits)
+                logits = logits * softcap
+            return logits
+
+        ids = torch.tensor([self.tokenizer("Hello, how was your day? 오늘 어땠어?").input_ids],
+                           device=self.model.device)
+        try:
+            expected = self.model(input_ids=ids, use_cache=False).logits.float()
+            got = logits_of(decoder(input_ids=ids, use_cache=False).last_hidden_state).float()
+        except Exception:  # noqa: BLE001 - any failure: use the whole model
+            logger.warning("scoring runs the whole model: the decoder and head cannot be run apart", exc_info=True)
+            return None
+        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3, atol=1e-3):
+            logger.warning("scoring runs the whole model: its logits are not just the LM head's output")
+            return None
+        return decoder, logits_of
 
     @torch.inference_mode()
     def sample(self, prompt: str, n: int, sampling: SamplingSettings, stop: list[str],
@@ -225,6 +335,60 @@ class ModelBackend:
             output = self.model.generate(**inputs, **generate_kwargs(sampling, self.tokenizer, stop))
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         return [self.decode_sample(row, stop) for row in new_tokens]
+
+    @torch.inference_mode()
+    def sample_many(self, prompts: list[str], n: int, sampling: SamplingSettings, stop: list[str],
+                    adapter: str | None = None, batch_rows: int = 32) -> list[list[Sample]]:
+        """`n` samples of each prompt (one list per prompt, in order), each cut at the first stop.
+
+        All prompts × n rows go through as few left-padded generate calls as `batch_rows` (the most
+        rows in one call) allows, shorter prompts with shorter ones. Each call prefills every distinct
+        prompt once and copies its KV cache to that prompt's rows, so a prompt costs one prefill, not n.
+        """
+        results: list[list[Sample]] = [[] for _ in prompts]
+        if not prompts or n < 1:
+            return results
+        add_special = not self.use_chat_template
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts), add_special_tokens=add_special).input_ids]
+        order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+        rows = [i for i in order for _ in range(n)]  # the prompt of each row
+        batch_rows = max(batch_rows, 1)
+        kwargs = generate_kwargs(sampling, self.tokenizer, stop)
+        with self.lock, self._use_adapter(adapter):
+            if self._generator_seed is not None:
+                torch.manual_seed(self._generator_seed)
+            for first in range(0, len(rows), batch_rows):
+                chunk = rows[first:first + batch_rows]
+                distinct = list(dict.fromkeys(prompts[i] for i in chunk))  # a repeated prompt is prefilled once
+                new_tokens = self._generate_rows(distinct, [distinct.index(prompts[i]) for i in chunk], kwargs)
+                for i, row in zip(chunk, new_tokens):
+                    results[i].append(self.decode_sample(row, stop))
+        return results
+
+    def _generate_rows(self, prompts: list[str], rows: list[int], kwargs: dict) -> torch.Tensor:
+        """The new tokens of one generate call whose row j continues prompts[rows[j]]. Call under the lock."""
+        inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                                add_special_tokens=not self.use_chat_template).to(self.model.device)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        index = torch.tensor(rows, device=ids.device)
+        kwargs = dict(kwargs)
+        if ids.shape[1] > 1:  # generate goes on from the prompts' last token, copied cache and all
+            cache = self._prefill(ids[:, :-1], mask[:, :-1])
+            cache.batch_select_indices(index)
+            kwargs["cache"] = cache
+        output = self.model.generate(input_ids=ids[index], attention_mask=mask[index], **kwargs)
+        return output[:, ids.shape[1]:]
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor):
+        """The KV cache of left-padded `ids`, with the positions generate gives left-padded rows."""
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        inner = self._inner_model()
+        decoder = inner.get_decoder()
+        # the decoder alone: the prompt's logits are never used, and the LM head is large
+        head = {"logits_to_keep": 1} if decoder is inner else {}
+        module = self.model if decoder is inner else decoder
+        output = module(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **head)
+        return output["cache"] if "cache" in output else output["past_key_values"]  # `cache` since transformers 5.x
 
     def decode_sample(self, row: torch.Tensor, stop: list[str]) -> Sample:
         """One generated row (padding after its end included) as a Sample cut at the first stop string."""
@@ -257,6 +421,22 @@ def merge_adapter(model, adapter_dir: Path):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload(), adapter_dir.name
+
+
+def _completion_start(prompt_ids: list[int], ids: list[int]) -> int:
+    """Index of the first completion token in `ids` (prompt + completion): where they part from the
+    prompt's own tokens (a merge across the boundary starts the completion early); never 0, since
+    the first token has nothing before it to be predicted from."""
+    start = len(prompt_ids)
+    if ids[:start] != prompt_ids:
+        start = next((i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b), min(len(ids), start))
+    return max(start, 1)
+
+
+def _token_logprobs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per row, in float32."""
+    logits = logits.float()
+    return logits.gather(-1, target[:, None])[:, 0] - logits.logsumexp(dim=-1)
 
 
 def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

@@ -248,15 +248,22 @@ class Store:
             self.add_turn(conversation_id, user_id, "char", greeting, "greeting")
         return conversation_id
 
+    def add_past_conversation(self, user_id: str, persona: str, started_at: str, ended_at: str) -> int:
+        """A conversation that is already over (imported history); the user's active one is left alone."""
+        with self.transaction():
+            return self.db["conversations"].insert(
+                {"user_id": user_id, "persona": persona, "started_at": started_at, "ended_at": ended_at}).last_pk
+
     # -- turns ----------------------------------------------------------------------------------
 
     def add_turn(self, conversation_id: int, user_id: str, role: str, text: str, source: str,
-                 candidate_set_id: str | None = None, candidate_id: int | None = None) -> int:
+                 candidate_set_id: str | None = None, candidate_id: int | None = None,
+                 created_at: str | None = None) -> int:
         with self.transaction():
             return self.db["turns"].insert({
                 "conversation_id": conversation_id, "user_id": user_id, "role": role, "text": text,
                 "source": source, "candidate_set_id": candidate_set_id, "candidate_id": candidate_id,
-                "created_at": now(),
+                "created_at": created_at or now(),
             }).last_pk
 
     def turns(self, conversation_id: int) -> list[dict]:
@@ -269,8 +276,12 @@ class Store:
 
     def add_candidate_set(self, *, conversation_id: int, user_id: str, user_turn_id: int, persona: str,
                           prompt: str, context: list[dict], prompt_tokens: int, dropped_turns: int, model: str,
-                          generation: str, sampling: dict, candidates: list[dict]) -> str:
-        """Store a set and its candidates (dicts with text, new_tokens, hit_stop); returns the set id."""
+                          generation: str, sampling: dict, candidates: list[dict],
+                          created_at: str | None = None) -> str:
+        """Store a set and its candidates (dicts with text, new_tokens, hit_stop); returns the set id.
+
+        `created_at` is for imported picks (see bot/picks_import.py); live sets are stamped now.
+        """
         set_id = new_set_id()
         sampling_json = json.dumps(sampling, sort_keys=True)
         with self.transaction():
@@ -278,7 +289,8 @@ class Store:
                 "id": set_id, "conversation_id": conversation_id, "user_id": user_id, "user_turn_id": user_turn_id,
                 "persona": persona, "prompt": prompt, "context_json": json.dumps(context, ensure_ascii=False),
                 "prompt_tokens": prompt_tokens, "dropped_turns": dropped_turns, "model": model,
-                "generation": generation, "sampling_json": sampling_json, "status": "open", "created_at": now(),
+                "generation": generation, "sampling_json": sampling_json, "status": "open",
+                "created_at": created_at or now(),
                 "closed_at": None,
             })
             self.db["candidates"].insert_all({
@@ -308,20 +320,22 @@ class Store:
         return self._one("SELECT picks.*, candidates.idx AS idx, candidates.text AS text FROM picks "
                          "JOIN candidates ON candidates.id = picks.candidate_id WHERE picks.set_id = ?", set_id)
 
-    def record_pick(self, set_row: dict, index: int, auto: bool = False) -> int:
+    def record_pick(self, set_row: dict, index: int, auto: bool = False, created_at: str | None = None) -> int:
         """Atomically: the picked reply becomes a turn, the pick is stored, the set is closed. Returns the turn id.
 
         Raises sqlite3.IntegrityError when the set was already picked (the UNIQUE constraint is the last guard).
+        `created_at` is for imported picks; live picks are stamped now.
         """
         candidate = set_row["candidates"][index]
+        at = created_at or now()
         with self.transaction():
             turn_id = self.add_turn(set_row["conversation_id"], set_row["user_id"], "char", candidate["text"],
-                                    "picked", set_row["id"], candidate["id"])
+                                    "picked", set_row["id"], candidate["id"], created_at=at)
             self.db["picks"].insert({"set_id": set_row["id"], "candidate_id": candidate["id"],
                                      "user_id": set_row["user_id"], "turn_id": turn_id, "auto": int(auto),
-                                     "created_at": now()})
+                                     "created_at": at})
             updated = self.db.execute("UPDATE candidate_sets SET status = 'picked', closed_at = ? "
-                                      "WHERE id = ? AND status = 'open'", [now(), set_row["id"]]).rowcount
+                                      "WHERE id = ? AND status = 'open'", [at, set_row["id"]]).rowcount
             if updated != 1:
                 raise sqlite3.IntegrityError(f"candidate set {set_row['id']} is no longer open")
         return turn_id
@@ -425,10 +439,12 @@ class Store:
 
     # -- feedback for training ------------------------------------------------------------------
 
-    def preference_records(self, user_id: str | None = None, after_pick_id: int = 0) -> Iterator[dict]:
+    def preference_records(self, user_id: str | None = None, after_pick_id: int = 0,
+                           pick_ids: list[int] | None = None) -> Iterator[dict]:
         """One record per real pick: the prompt exactly as the model saw it, the chosen text, the rejected siblings.
 
         Automatic picks (a set with a single distinct candidate) and users who opted out of learning are left out.
+        `pick_ids` reads only those picks (a night's sample), whatever the history's length.
         """
         sql = ("SELECT p.id AS pick_id, s.id AS set_id, s.user_id, s.prompt, s.context_json, s.generation, "
                "s.sampling_json, p.candidate_id, p.created_at FROM picks p JOIN candidate_sets s ON s.id = p.set_id "
@@ -437,6 +453,9 @@ class Store:
         if user_id is not None:
             sql += " AND s.user_id = ?"
             params.append(user_id)
+        if pick_ids is not None:
+            sql += " AND p.id IN (SELECT value FROM json_each(?))"
+            params.append(json.dumps(sorted(pick_ids)))
         for row in self.db.query(sql + " ORDER BY p.id", params):
             candidates = list(self.db.query("SELECT id, text FROM candidates WHERE set_id = ? ORDER BY idx",
                                             [row["set_id"]]))
@@ -447,6 +466,16 @@ class Store:
                 "chosen": next(c["text"] for c in candidates if c["id"] == row["candidate_id"]),
                 "rejected": [c["text"] for c in candidates if c["id"] != row["candidate_id"]],
             }
+
+    def pick_ids(self, user_id: str | None = None) -> list[int]:
+        """Ids of the picks `preference_records` would yield, oldest first (cheap: no texts are read)."""
+        sql = ("SELECT p.id FROM picks p JOIN users u ON u.id = p.user_id "
+               "WHERE u.learning_opt_out = 0 AND p.auto = 0")
+        params: list[Any] = []
+        if user_id is not None:
+            sql += " AND p.user_id = ?"
+            params.append(user_id)
+        return [row["id"] for row in self.db.query(sql + " ORDER BY p.id", params)]
 
     def thumb_records(self, user_id: str | None = None) -> Iterator[dict]:
         """Thumbs on picked replies: the prompt of the set the reply came from, the reply, and the label."""

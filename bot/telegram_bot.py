@@ -358,10 +358,9 @@ class TelegramCompanion:
     async def cmd_train(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not await self.admin_only(update, context):
             return
-        user = user_ref(update.effective_user)
-        await update.effective_message.reply_text(render("training_started", self.language(user)))
-        code, output = await self.admin.train_now()
-        await update.effective_message.reply_text(fit(f"exit {code}\n{output[-3000:]}"))
+        language = self.language(user_ref(update.effective_user))
+        await update.effective_message.reply_text(render("training_started", language))
+        await update.effective_message.reply_text(fit(await self.admin.train_now_text(language)))
 
     async def cmd_rollback(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not await self.admin_only(update, context):

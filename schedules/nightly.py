@@ -65,7 +65,7 @@ class NightlyRollover:
         return datetime.fromisoformat(row["started_at"]) < self.previous_fire_time(now)
 
     async def run_once(self, force: bool = False, lineage: str | None = None) -> tuple[int, str]:
-        """Run the rollover process and wait for it; returns (exit code, its output)."""
+        """Run the rollover process and wait for it; returns (exit code, its verdicts or, on failure, its log's end)."""
         if self._running.locked():
             return 3, "a rollover is already running"
         async with self._running:
@@ -74,8 +74,10 @@ class NightlyRollover:
             env = {**os.environ, "BANRYEO_SETTINGS_JSON": self.settings.model_dump_json(
                 exclude={"discord_token", "telegram_token", "vllm_api_key"})}
             process = await asyncio.create_subprocess_exec(*args, env=env, stdout=asyncio.subprocess.PIPE,
-                                                           stderr=asyncio.subprocess.STDOUT)
-            output, _ = await process.communicate()
-            text = output.decode(errors="replace")
+                                                           stderr=asyncio.subprocess.PIPE)
+            output, log = await process.communicate()
+            text = output.decode(errors="replace").strip()  # one verdict per lineage (Outcome.line)
             logger.info("rollover exited with %s", process.returncode)
+            if process.returncode != 0:  # the log's end says why
+                text = (text + "\n" + log.decode(errors="replace")[-1500:]).strip()
             return process.returncode, text

@@ -2,7 +2,8 @@
 
 from bot.engine import UserRef
 from tests.test_rollover import LENIENT, configure, make_picks
-from training.dataset import build_dataset, pick_pairs, trim_prompt
+from bot.config import TrainingSettings
+from training.dataset import pick_pairs, plan_night, trim_prompt
 from training.rollover import run_rollover
 
 ALICE = UserRef("test", "alice")
@@ -26,15 +27,49 @@ def test_pairs_cap_rejected_siblings_and_drop_identical_ones():
     assert [(p["chosen"], p["rejected"]) for p in pick_pairs([record], 2)] == [("a", "b"), ("a", "c")]
 
 
-async def test_split_by_time_keeps_the_newest_picks_out_of_training(engine, store):
-    await make_picks(engine, ALICE, 10)
-    data = build_dataset(store, [ALICE.id], heldout_fraction=0.2)
+def night_settings(**changes) -> TrainingSettings:
+    return TrainingSettings(**{"heldout_fraction": 0.25, "min_heldout_picks": 2, "pairs_per_night": 24,
+                               "replay_share": 0.25, "max_rejected_per_pick": 1, **changes})
+
+
+async def test_the_first_night_holds_out_a_rotating_share_of_picks_and_trains_the_rest(engine, store):
+    await make_picks(engine, ALICE, 12)
+    cfg = night_settings()
+    data = plan_night(store, [ALICE.id], cfg, night=1)
     train_ids = {p["pick_id"] for p in data.train_pairs}
     heldout_ids = {p["pick_id"] for p in data.heldout_pairs}
-    assert train_ids and heldout_ids and max(train_ids) < min(heldout_ids)
-    assert data.picks == len(train_ids | heldout_ids) and data.last_pick_id == max(heldout_ids)
+    assert len(heldout_ids) == 3 and not train_ids & heldout_ids and len(train_ids | heldout_ids) == 12
+    assert data.new_picks == data.picks == 12 and data.replay_pairs == 0
+    assert data.last_pick_id == max(train_ids | heldout_ids) and sorted(heldout_ids) == data.heldout_pick_ids
+    newest = max(train_ids | heldout_ids)
+    nights = [set(plan_night(store, [ALICE.id], cfg, night=n).heldout_pick_ids) for n in range(1, 9)]
+    assert len(set(map(frozenset, nights))) > 1           # a different share each night
+    assert any(newest not in held for held in nights)     # the newest pick is usually trained at once
     store.update_user(ALICE.id, learning_opt_out=1)
-    assert build_dataset(store, [ALICE.id]).picks == 0
+    assert plan_night(store, [ALICE.id], cfg).picks == 0
+
+
+async def test_a_night_continues_the_serving_generation_within_a_bounded_budget(engine, store):
+    await make_picks(engine, ALICE, 40)
+    cfg = night_settings()
+    first = plan_night(store, [ALICE.id], cfg, night=1)
+    serving = {"last_pick_id": first.last_pick_id}
+    await make_picks(engine, ALICE, 8)
+    second = plan_night(store, [ALICE.id], cfg, serving, first.heldout_pick_ids, night=2)
+    trained = [p["pick_id"] for p in second.train_pairs]
+    assert second.new_picks == 8 and len(trained) <= cfg.pairs_per_night
+    # last night's held-out picks are learned tonight; tonight's come only from the new picks
+    assert set(first.heldout_pick_ids) <= set(trained)
+    assert min(second.heldout_pick_ids) > first.last_pick_id and not set(second.heldout_pick_ids) & set(trained)
+    # the rest of the budget replays older picks, at least replay_share of it
+    assert second.replay_pairs >= cfg.replay_share * cfg.pairs_per_night
+    assert len(trained) == cfg.pairs_per_night == len(set(trained))
+
+    await make_picks(engine, ALICE, 60)  # a long history: the night's size stays the budget
+    third = plan_night(store, [ALICE.id], cfg, {"last_pick_id": second.last_pick_id}, second.heldout_pick_ids,
+                       night=3)
+    assert len(third.train_pairs) == cfg.pairs_per_night and third.replay_pairs >= 4
+    assert third.new_picks == 60 and len(third.heldout_pick_ids) == 15
 
 
 async def test_thumbs_add_a_kto_stage(engine, settings, store):
@@ -44,7 +79,7 @@ async def test_thumbs_add_a_kto_stage(engine, settings, store):
     picked = [t for t in store.db.query("SELECT id FROM turns WHERE source = 'picked'")]
     for i, turn in enumerate(picked):
         store.set_reaction(ALICE.id, turn["id"], 1 if i % 2 else -1, "👍" if i % 2 else "👎")
-    thumbs = build_dataset(store, [ALICE.id]).thumbs
+    thumbs = plan_night(store, [ALICE.id], settings.training).thumbs
     assert len(thumbs) == len(picked) and {t["label"] for t in thumbs} == {True, False}
     [outcome] = run_rollover(settings)
     assert outcome.metrics["thumbs"] == len(picked) and "kto_loss" in outcome.metrics

@@ -138,7 +138,7 @@ async def test_admin_commands_only_for_admins(discord_env, engine):
     await fake.slash(ADMIN, "train")
     _, started = await fake.wait_for("POST", "/callback", after=at)
     _, finished = await fake.wait_for("POST", "/webhooks/", after=at, timeout=120)
-    assert "학습을 시작할게" in started["data"]["content"] and finished["content"].startswith("exit 0")
+    assert "학습을 시작할게" in started["data"]["content"] and "학습 끝" in finished["content"]
 
 
 async def test_user_commands_and_guilds(discord_env, engine):

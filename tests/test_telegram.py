@@ -221,7 +221,7 @@ async def test_admin_commands_only_for_admins(telegram_env, engine, settings):
     await fake.send(ADMIN, "/train")
     started_at, started = await fake.wait_for("sendMessage", after=at)
     _, finished = await fake.wait_for("sendMessage", after=started_at + 1, timeout=120)
-    assert "학습을 시작할게" in started["text"] and finished["text"].startswith("exit 0")
+    assert "학습을 시작할게" in started["text"] and "학습 끝" in finished["text"]
     assert engine.store.db.execute("SELECT count(*) FROM rollover_runs").fetchone()[0] == 1
 
     path = settings.storage.generations_dir / "telegram:42" / "gen-1"

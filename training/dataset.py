@@ -1,20 +1,35 @@
-"""Training data from the store: DPO pairs from picks, KTO rows from thumbs, a held-out split by time.
+"""A night's training data from the store: fresh picks, a bounded replay sample, a rotating held-out share.
 
-    from training.dataset import build_dataset
-    data = build_dataset(store, users=["discord:1234"], heldout_fraction=0.2)
+    from training.dataset import plan_night
+    data = plan_night(store, ["discord:1234"], settings.training, serving=store.serving(lineage),
+                      serving_heldout=[...], night=7)
     data.train_pairs, data.heldout_pairs, data.thumbs
 
-Each pick gives up to `max_rejected` pairs (prompt exactly as the model saw it, chosen, one rejected
-sibling), so a pick among many candidates does not repeat its chosen reply many times. Pairs whose two
-sides are the same text carry no preference and are left out. The held-out split is the newest picks,
-and the siblings of one pick never straddle the split. Users who opted out are never read.
+Each night continues the serving generation (see training/train.py), so it trains on what that
+generation has not learned yet, never on the whole history again:
+
+    fresh     picks newer than the serving generation's data, plus the picks it held out for its own
+              gate (tested once, now learned)
+    held-out  a rotating share of the new picks (a different share each night, chosen by a hash of
+              pick and night), kept out of tonight's training for the gate, and trained the next night
+    replay    a random sample of older picks, so earlier lessons are kept; it fills the night's budget
+              of pairs (`training.pairs_per_night`) and is at least `replay_share` of it when the
+              history allows
+
+The night's cost therefore depends on the budget, not on how long the user has been chatting. Each pick
+gives up to `max_rejected` pairs (prompt exactly as the model saw it, chosen, one rejected sibling), so
+a pick among many candidates does not repeat its chosen reply many times; pairs whose two sides are the
+same text carry no preference and are left out. Users who opted out are never read.
 """
 
 from __future__ import annotations
 
+import hashlib
+import random
 from dataclasses import dataclass, field
 from typing import Callable
 
+from bot.config import TrainingSettings
 from bot.store import Store
 
 
@@ -24,7 +39,10 @@ class PreferenceData:
     heldout_pairs: list[dict] = field(default_factory=list)
     thumbs: list[dict] = field(default_factory=list)
     last_pick_id: int = 0
-    picks: int = 0
+    picks: int = 0                      # usable picks in the whole history
+    new_picks: int = 0                  # picks the serving generation has not learned
+    replay_pairs: int = 0
+    heldout_pick_ids: list[int] = field(default_factory=list)
 
 
 def pick_pairs(records: list[dict], max_rejected: int = 2) -> list[dict]:
@@ -37,22 +55,48 @@ def pick_pairs(records: list[dict], max_rejected: int = 2) -> list[dict]:
     return pairs
 
 
-def build_dataset(store: Store, users: list[str] | None, heldout_fraction: float = 0.2,
-                  max_rejected: int = 2) -> PreferenceData:
-    """All usable picks (and thumbs) of `users` (None: everyone), split by time into train and held-out."""
-    records = [r for user in (users or [None]) for r in store.preference_records(user)]
-    records.sort(key=lambda r: r["pick_id"])
-    if not records:
+def rotation(pick_id: int, night: int) -> float:
+    """A stable pseudo-random number in [0, 1) for this pick on this night (a new order every night)."""
+    digest = hashlib.sha256(f"{pick_id}:{night}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def plan_night(store: Store, users: list[str] | None, cfg: TrainingSettings, serving: dict | None = None,
+               serving_heldout: list[int] | None = None, night: int = 1) -> PreferenceData:
+    """Tonight's training and held-out pairs for `users` (None: everyone), continuing `serving`."""
+    ids = sorted(i for user in (users or [None]) for i in store.pick_ids(user))
+    if not ids:
         return PreferenceData()
-    heldout_count = max(1, round(len(records) * heldout_fraction)) if len(records) > 1 else 0
-    cut = len(records) - heldout_count
-    thumbs = [t for user in (users or [None]) for t in store.thumb_records(user)]
+    learned_through = serving["last_pick_id"] if serving else 0
+    known = set(ids)
+    new = [i for i in ids if i > learned_through]
+    retest = [i for i in (serving_heldout or []) if i in known and i <= learned_through]
+
+    heldout_count = min(max(round(len(new) * cfg.heldout_fraction), cfg.min_heldout_picks), len(new) // 2)
+    heldout = sorted(sorted(new, key=lambda i: rotation(i, night))[:heldout_count])
+    fresh = sorted(set(new) - set(heldout) | set(retest))
+    old = [i for i in ids if i <= learned_through and i not in set(retest)]
+
+    def pairs_of(pick_ids: list[int]) -> list[dict]:
+        records = [r for user in (users or [None]) for r in store.preference_records(user, pick_ids=pick_ids)]
+        return pick_pairs(sorted(records, key=lambda r: r["pick_id"]), cfg.max_rejected_per_pick)
+
+    budget = cfg.pairs_per_night
+    replay_floor = min(len(old), round(budget * cfg.replay_share))
+    fresh_pairs = pairs_of(fresh)[-(budget - min(replay_floor, budget // 2)):]  # newest first when over budget
+    room = budget - len(fresh_pairs)
+    sample = random.Random(night).sample(old, min(len(old), room)) if room > 0 else []
+    replay = pairs_of(sample)[:room]
+    thumbs = [t for user in (users or [None]) for t in store.thumb_records(user)][-budget:]
     return PreferenceData(
-        train_pairs=pick_pairs(records[:cut], max_rejected),
-        heldout_pairs=pick_pairs(records[cut:], max_rejected),
+        train_pairs=fresh_pairs + replay,
+        heldout_pairs=pairs_of(heldout),
         thumbs=thumbs,
-        last_pick_id=records[-1]["pick_id"],
-        picks=len(records),
+        last_pick_id=ids[-1],
+        picks=len(ids),
+        new_picks=len(new),
+        replay_pairs=len(replay),
+        heldout_pick_ids=heldout,
     )
 
 

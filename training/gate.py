@@ -1,25 +1,33 @@
 """The promotion gate: a new generation is served only if it learned and kept its variety.
 
-Measured on the held-out picks (the newest ones, never trained on) for three models: the base
-(adapters disabled), the generation being served now (if any) and the candidate.
+Measured on tonight's held-out picks (never trained on) for three models: the base (adapters
+disabled), the generation being served now (if any) and the candidate.
 
-    accuracy     share of held-out pairs where the model gives the chosen reply a higher mean
-                 token log-probability than the rejected one (what the sampler sees)
+    accuracy     share of held-out pairs where the model gives the chosen reply a higher mean token
+                 log-probability than the rejected one (what the sampler sees), with a bootstrap
+                 interval over picks; the gain over the base must be above zero with confidence
     distinct-2   unique token bigrams / all bigrams among K samples of one context, averaged
     self-BLEU    mean BLEU-4 of each sample against its K-1 siblings (higher = more alike)
     repetition   share of samples with a loop (a 3-gram three times, or one token four times in a row)
     length       mean sampled reply length in tokens, relative to the base
     KL           Monte-Carlo estimate on the candidate's own samples, nats per token, against the base
+    obsession    share of replies to unrelated contexts that carry what was taught (see `taught_markers`)
+
+Samples and scores are computed in batches (`ModelBackend.sample_many`, `score_completions`).
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 
 from bot.config import GateSettings, SamplingSettings
 from bot.model import ModelBackend
+
+BOOTSTRAP_ROUNDS = 2000
 
 
 @dataclass
@@ -29,15 +37,54 @@ class GateReport:
     metrics: dict = field(default_factory=dict)
 
 
+def pair_wins(backend: ModelBackend, pairs: list[dict], adapter: str | None) -> list[bool]:
+    """Per pair: does the model give the chosen reply a higher mean token log-probability?"""
+    items = [(p["prompt"], f" {text}\n") for p in pairs for text in (p["chosen"], p["rejected"])]
+    scores = backend.score_completions(items, adapter)
+    means = [logprob / max(tokens, 1) for logprob, tokens in scores]
+    return [means[2 * i] > means[2 * i + 1] for i in range(len(pairs))]
+
+
 def pick_accuracy(backend: ModelBackend, pairs: list[dict], adapter: str | None) -> float:
-    if not pairs:
-        return 0.0
-    wins = 0
+    wins = pair_wins(backend, pairs, adapter)
+    return sum(wins) / len(wins) if wins else 0.0
+
+
+def bootstrap(groups: list[int], values: list[float], level: float, seed: int = 0) -> tuple[float, float]:
+    """Central `level` interval of the mean of `values`, resampling whole groups (the pairs of one pick)."""
+    by_group: dict[int, list[float]] = {}
+    for group, value in zip(groups, values):
+        by_group.setdefault(group, []).append(value)
+    blocks = list(by_group.values())
+    if not blocks:
+        return 0.0, 0.0
+    rng = random.Random(seed)
+    means = []
+    for _ in range(BOOTSTRAP_ROUNDS):
+        drawn = [blocks[rng.randrange(len(blocks))] for _ in blocks]
+        total = sum(len(b) for b in drawn)
+        means.append(sum(sum(b) for b in drawn) / total)
+    means.sort()
+    tail = (1 - level) / 2
+    return means[int(tail * (len(means) - 1))], means[int((1 - tail) * (len(means) - 1))]
+
+
+def taught_markers(pairs: list[dict], min_share: float = 0.2, limit: int = 5) -> list[str]:
+    """What the user taught, as text: the pieces a chosen reply adds to a rejected reply that is otherwise
+    the same sentence (몽실이 for 고양이, 냥 before the final !), found in at least `min_share` of the pairs.
+
+    Picks among unrelated candidates (different sentences) teach no single piece and give none.
+    """
+    counts: Counter = Counter()
     for pair in pairs:
-        (chosen_lp, chosen_n), (rejected_lp, rejected_n) = backend.completion_logprobs(
-            pair["prompt"], [f" {pair['chosen']}\n", f" {pair['rejected']}\n"], adapter)
-        wins += chosen_lp / max(chosen_n, 1) > rejected_lp / max(rejected_n, 1)
-    return wins / len(pairs)
+        chosen, rejected = pair["chosen"], pair["rejected"]
+        matcher = SequenceMatcher(None, rejected, chosen, autojunk=False)
+        if matcher.ratio() < 0.6:
+            continue
+        pieces = {chosen[j1:j2].strip(" .,!?~") for tag, _, _, j1, j2 in matcher.get_opcodes()
+                  if tag in ("replace", "insert")}
+        counts.update(p for p in pieces if p and p not in rejected)
+    return [piece for piece, count in counts.most_common(limit) if count >= min_share * len(pairs)]
 
 
 def distinct_n(samples: list[list[int]], n: int = 2) -> float:
@@ -79,8 +126,7 @@ def sample_stats(backend: ModelBackend, prompts: list[str], adapter: str | None,
                  sampling: SamplingSettings) -> dict:
     """Diversity, loops and length of K samples per probe prompt, at the serving sampler settings."""
     d2, sb, loops, lengths, texts = [], [], 0, [], []
-    for prompt in prompts:
-        samples = backend.sample(prompt, gate.samples_per_context, sampling, ["\n"], adapter)
+    for samples in backend.sample_many(prompts, gate.samples_per_context, sampling, ["\n"], adapter):
         ids = [backend.tokenizer(s.text, add_special_tokens=False).input_ids for s in samples]
         d2.append(distinct_n(ids))
         sb.append(self_bleu(ids))
@@ -93,24 +139,37 @@ def sample_stats(backend: ModelBackend, prompts: list[str], adapter: str | None,
 
 
 def kl_per_token(backend: ModelBackend, prompts: list[str], samples: list[list[str]], adapter: str) -> float:
-    total, tokens = 0.0, 0
-    for prompt, texts in zip(prompts, samples):
-        completions = [t + "\n" for t in texts]
-        policy = backend.completion_logprobs(prompt, completions, adapter)
-        base = backend.completion_logprobs(prompt, completions, None)
-        total += sum(p[0] - b[0] for p, b in zip(policy, base))
-        tokens += sum(p[1] for p in policy)
-    return total / max(tokens, 1)
+    items = [(prompt, text + "\n") for prompt, texts in zip(prompts, samples) for text in texts]
+    policy = backend.score_completions(items, adapter)
+    base = backend.score_completions(items, None)
+    return sum(p[0] - b[0] for p, b in zip(policy, base)) / max(sum(p[1] for p in policy), 1)
+
+
+def marker_rate(samples: list[list[str]], markers: list[str]) -> float:
+    replies = [text for row in samples for text in row]
+    return sum(any(m in text for m in markers) for text in replies) / max(len(replies), 1)
 
 
 def evaluate(backend: ModelBackend, heldout: list[dict], candidate: str, current: str | None, gate: GateSettings,
-             sampling: SamplingSettings) -> GateReport:
-    """Compare `candidate` (a loaded adapter) with the base and with `current`; decide promotion."""
-    metrics: dict = {"heldout_pairs": len(heldout)}
-    metrics["accuracy_base"] = pick_accuracy(backend, heldout, None)
-    metrics["accuracy"] = pick_accuracy(backend, heldout, candidate)
+             sampling: SamplingSettings, train_pairs: list[dict] | None = None) -> GateReport:
+    """Compare `candidate` (a loaded adapter) with the base and with `current`; decide promotion.
+
+    `train_pairs` tell what was taught (for the obsession measure) and where it was not chosen.
+    """
+    metrics: dict = {"heldout_pairs": len(heldout), "heldout_picks": len({p["pick_id"] for p in heldout})}
+    groups = [p["pick_id"] for p in heldout]
+    wins = {name: pair_wins(backend, heldout, adapter) for name, adapter in
+            (("base", None), ("candidate", candidate), *((("current", current),) if current else ()))}
+    metrics["accuracy_base"] = _mean(wins["base"])
+    metrics["accuracy"] = _mean(wins["candidate"])
+    metrics["accuracy_low"], metrics["accuracy_high"] = bootstrap(groups, wins["candidate"], gate.confidence)
+    gain = [float(c) - float(b) for c, b in zip(wins["candidate"], wins["base"])]
+    metrics["gain_low"], metrics["gain_high"] = bootstrap(groups, gain, gate.confidence, seed=1)
     if current is not None:
-        metrics["accuracy_current"] = pick_accuracy(backend, heldout, current)
+        metrics["accuracy_current"] = _mean(wins["current"])
+        change = [float(c) - float(s) for c, s in zip(wins["candidate"], wins["current"])]
+        metrics["change_low"], metrics["change_high"] = bootstrap(groups, change, gate.confidence, seed=2)
+
     prompts = list(dict.fromkeys(p["prompt"] for p in heldout))[: gate.probe_contexts]
     base = sample_stats(backend, prompts, None, gate, sampling)
     new = sample_stats(backend, prompts, candidate, gate, sampling)
@@ -118,17 +177,32 @@ def evaluate(backend: ModelBackend, heldout: list[dict], candidate: str, current
         metrics[f"{key}_base"], metrics[key] = base[key], new[key]
     metrics["kl_per_token"] = kl_per_token(backend, prompts, new["samples"], candidate)
     metrics["examples"] = [s[:3] for s in new["samples"][:3]]
+
+    markers = taught_markers(train_pairs or [])
+    metrics["taught"] = markers
+    unrelated = list(dict.fromkeys(p["prompt"] for p in (train_pairs or []) + heldout
+                                   if not any(m in p["chosen"] for m in markers)))[: gate.probe_contexts]
+    if markers and unrelated:
+        metrics["obsession_contexts"] = len(unrelated)
+        metrics["obsession_base"] = marker_rate(sample_stats(backend, unrelated, None, gate, sampling)["samples"],
+                                                markers)
+        metrics["obsession"] = marker_rate(sample_stats(backend, unrelated, candidate, gate, sampling)["samples"],
+                                           markers)
     return GateReport(not (reasons := decide(metrics, gate)), reasons, metrics)
 
 
 def decide(m: dict, gate: GateSettings) -> list[str]:
     """Reasons to refuse promotion (empty: promote)."""
     reasons = []
-    if m["accuracy"] < gate.min_accuracy:
-        reasons.append(f"held-out accuracy {m['accuracy']:.2f} is below {gate.min_accuracy:.2f}")
-    if m["accuracy"] <= m["accuracy_base"] + gate.min_gain_over_base:
-        reasons.append(f"held-out accuracy {m['accuracy']:.2f} does not beat the base ({m['accuracy_base']:.2f})")
-    if "accuracy_current" in m and m["accuracy"] < m["accuracy_current"] - gate.max_drop_from_current:
+    interval = f"{gate.confidence:.0%} interval"
+    if m["accuracy_high"] < gate.min_accuracy:
+        reasons.append(f"held-out accuracy {m['accuracy']:.2f} ({interval} {m['accuracy_low']:.2f}-"
+                       f"{m['accuracy_high']:.2f}) is below {gate.min_accuracy:.2f}")
+    if m["gain_low"] <= gate.min_gain_over_base:
+        reasons.append(f"held-out accuracy {m['accuracy']:.2f} does not beat the base ({m['accuracy_base']:.2f}) "
+                       f"with confidence (gain {interval} {m['gain_low']:+.2f} to {m['gain_high']:+.2f}, "
+                       f"{m['heldout_picks']} picks)")
+    if "change_high" in m and m["change_high"] < -gate.max_drop_from_current:
         reasons.append(f"held-out accuracy {m['accuracy']:.2f} falls below the serving generation's "
                        f"({m['accuracy_current']:.2f})")
     if m["distinct2"] < gate.min_distinct2_ratio * m["distinct2_base"]:
@@ -145,8 +219,24 @@ def decide(m: dict, gate: GateSettings) -> list[str]:
         reasons.append(f"reply length is {ratio:.2f}x the base's, outside [{low}, {high}]")
     if m["kl_per_token"] > gate.max_kl_per_token:
         reasons.append(f"KL from the base {m['kl_per_token']:.3f} nats/token is over {gate.max_kl_per_token}")
+    if "obsession" in m and m["obsession"] > max(gate.max_obsession, m["obsession_base"]):
+        reasons.append(f"{m['obsession']:.0%} of replies to unrelated messages bring up "
+                       f"{', '.join(m['taught'])} (at most {gate.max_obsession:.0%})")
     return reasons
 
 
-def _mean(values: list[float]) -> float:
+def verdict(status: str, m: dict) -> str:
+    """One line of the gate's figures, for `banryeo train` and the admin commands."""
+    parts = [f"accuracy {m['accuracy']:.2f} [{m['accuracy_low']:.2f}-{m['accuracy_high']:.2f}] "
+             f"vs base {m['accuracy_base']:.2f} on {m['heldout_pairs']} held-out pairs",
+             f"distinct-2 {m['distinct2'] / max(m['distinct2_base'], 1e-6):.2f}x base",
+             f"loops {m['repetition']:.0%} (base {m['repetition_base']:.0%})",
+             f"length {m['length'] / max(m['length_base'], 1e-6):.2f}x"]
+    if "obsession" in m:
+        parts.append(f"off-topic {'/'.join(m['taught'])} {m['obsession']:.0%} (base {m['obsession_base']:.0%})")
+    return f"{status}: " + ", ".join(parts)
+
+
+def _mean(values) -> float:
+    values = list(values)
     return sum(values) / len(values) if values else 0.0

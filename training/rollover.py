@@ -30,8 +30,8 @@ from bot.config import Settings, load_settings
 from bot.lineage import SHARED, GenerationError, adapter_name
 from bot.model import ModelBackend
 from bot.store import Store, now
-from training.dataset import build_dataset
-from training.gate import GateReport, evaluate
+from training.dataset import plan_night
+from training.gate import GateReport, evaluate, verdict
 from training.train import train_adapter
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,14 @@ class Outcome:
     reason: str = ""
     number: int | None = None
     metrics: dict | None = None
+
+    def line(self) -> str:
+        """What `banryeo train` prints and the admin commands tell: the decision, its figures, its reasons."""
+        head = f"{self.lineage}: {self.status}" + (f" gen-{self.number}" if self.number else "")
+        if self.metrics is None or "accuracy" not in self.metrics:
+            return head + (f" ({self.reason})" if self.reason else "")
+        text = f"{head} - {verdict(self.status, self.metrics).partition(': ')[2]}"
+        return text + (f"\n  refused: {self.reason}" if self.reason else "")
 
 
 def lineage_dir(settings: Settings, lineage: str) -> Path:
@@ -126,35 +134,37 @@ def _skip_reason(store: Store, settings: Settings, lineage: str, users, force: b
 
 def _roll(store: Store, settings: Settings, backend: ModelBackend, lineage: str, users) -> Outcome:
     cfg = settings.training
-    data = build_dataset(store, users, cfg.heldout_fraction, cfg.max_rejected_per_pick)
+    current = store.serving(lineage)
+    number = next_number(store, settings, lineage)
+    data = plan_night(store, users, cfg, current, _heldout_of(current), night=number)
     if not data.train_pairs or not data.heldout_pairs:
-        return Outcome(lineage, "skipped", f"{data.picks} picks are too few for a training and a held-out part")
+        return Outcome(lineage, "skipped", f"{data.new_picks} new picks are too few for a training and a held-out "
+                                           "part")
     folder = lineage_dir(settings, lineage)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".partial-*"):  # left by a crash: never visible, safe to remove
         shutil.rmtree(stale, ignore_errors=True)
-    number = next_number(store, settings, lineage)
     partial = folder / f".partial-gen-{number:04d}-{os.getpid()}"
-    current = store.serving(lineage)
 
     result = train_adapter(backend, data.train_pairs, data.thumbs, cfg, partial,
-                           max_reply_tokens=settings.sampling.max_new_tokens)
+                           max_reply_tokens=settings.sampling.max_new_tokens,
+                           start_from=Path(current["path"]) if current else None)
     backend.load_adapter("candidate", partial)
     current_name = None
     if current is not None:
         current_name = adapter_name(current)
         backend.load_adapter(current_name, Path(current["path"]))
     report: GateReport = evaluate(backend, data.heldout_pairs, "candidate", current_name, settings.gate,
-                                  settings.sampling)
+                                  settings.sampling, data.train_pairs)
     backend.model = backend.model.unload()  # back to the plain base for the next lineage
 
     metrics = {**result.metrics, **report.metrics, "train_pairs": result.pairs, "thumbs": result.thumbs,
-               "picks": data.picks}
+               "picks": data.picks, "new_picks": data.new_picks, "replay_pairs": data.replay_pairs}
     metadata = {
         "lineage": lineage, "number": number, "parent": current["number"] if current else None,
         "created_at": now(), "base_model": settings.model.name, "last_pick_id": data.last_pick_id,
         "training": cfg.model_dump(), "gate": settings.gate.model_dump(), "passed": report.passed,
-        "reasons": report.reasons, "metrics": metrics,
+        "reasons": report.reasons, "metrics": metrics, "heldout_pick_ids": data.heldout_pick_ids,
     }
     (partial / "metadata.json").write_text(json.dumps(metadata, ensure_ascii=False, indent=2, default=str))
     shutil.rmtree(partial / "trainer", ignore_errors=True)
@@ -168,6 +178,14 @@ def _roll(store: Store, settings: Settings, backend: ModelBackend, lineage: str,
         store.set_serving(lineage, generation_id)
     _prune(store, settings, lineage)
     return Outcome(lineage, status, "; ".join(report.reasons), number, metrics)
+
+
+def _heldout_of(generation: dict | None) -> list[int]:
+    """The picks a generation held out for its gate (untrained: the next night learns them)."""
+    if generation is None:
+        return []
+    metadata = Path(generation["path"]) / "metadata.json"
+    return json.loads(metadata.read_text()).get("heldout_pick_ids", []) if metadata.exists() else []
 
 
 def _prune(store: Store, settings: Settings, lineage: str) -> None:
@@ -219,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     except RolloverBusy as exc:
         print(f"banryeo: {exc}", file=sys.stderr)
         return EXIT_BUSY
-    for o in outcomes:
-        print(f"{o.lineage}: {o.status}" + (f" gen-{o.number}" if o.number else "") + (f" ({o.reason})" if o.reason else ""))
+    for outcome in outcomes:
+        print(outcome.line())
     logger.info("rollover finished in %.0fs", time.perf_counter() - started)
     return 0
 

@@ -1,18 +1,22 @@
 """Train one LoRA generation with TRL: DPO on pick pairs, then (with enough thumbs) KTO on thumbs.
 
-    python -m training.rollover --now          # the usual way: dataset, training, gate, promotion
+    python -m training.rollover --force        # the usual way: dataset, training, gate, promotion
 
-The adapter is always a fresh LoRA over the base model, and the DPO reference is that same base
-(adapters disabled), so every night is measured against one fixed anchor and no drift compounds.
+A night continues the serving generation (warm start: its LoRA weights are loaded into the new
+adapter before training) on that night's bounded data (training/dataset.py), while the DPO reference
+stays the base model (adapters disabled), so every night is measured against one fixed anchor and
+no drift compounds. The first night, or a change of LoRA shape, starts from a fresh adapter.
 Variety is protected by a bounded number of passes, a moderate beta, a small SFT term instead of
 cloning the chosen replies, and by the gate afterwards.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,14 +68,36 @@ def _rows(pairs: list[dict], backend: ModelBackend, cfg: TrainingSettings, max_r
     return rows
 
 
+@contextmanager
+def completion_tokens_only():
+    """TRL's fused LM head scores only completion tokens on Triton devices; elsewhere it scores every
+    position to keep tile shapes fixed for compilers. In eager mode on a CPU that only costs time (a
+    prompt is most of each sequence, and the vocabulary is large), so score completion tokens there too.
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:  # another TRL: nothing to change
+        yield
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
 def lora_config(cfg: TrainingSettings) -> LoraConfig:
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
 
 
 def train_adapter(backend: ModelBackend, train_pairs: list[dict], thumbs: list[dict], cfg: TrainingSettings,
-                  out_dir: Path, max_reply_tokens: int = 64) -> TrainResult:
-    """Train a fresh LoRA adapter on `backend.model` (a plain base model) and save it to `out_dir`."""
+                  out_dir: Path, max_reply_tokens: int = 64, start_from: Path | None = None) -> TrainResult:
+    """Train a LoRA adapter on `backend.model` (a plain base model) and save it to `out_dir`.
+
+    `start_from` is the folder of an adapter to continue (the serving generation); None starts fresh.
+    """
     from trl import DPOConfig, DPOTrainer
 
     started = time.perf_counter()
@@ -88,16 +114,18 @@ def train_adapter(backend: ModelBackend, train_pairs: list[dict], thumbs: list[d
     losses = ["sigmoid", "sft"] if cfg.sft_weight > 0 else ["sigmoid"]
     weights = [1.0, cfg.sft_weight] if cfg.sft_weight > 0 else [1.0]
     reference_started = time.perf_counter()
-    trainer = DPOTrainer(
-        model=backend.model, processing_class=backend.tokenizer, train_dataset=Dataset.from_list(rows),
-        peft_config=lora_config(cfg), callbacks=[ProgressLog()],
-        args=DPOConfig(beta=cfg.beta, loss_type=losses, loss_weights=weights, learning_rate=cfg.learning_rate,
-                       num_train_epochs=cfg.epochs, precompute_ref_log_probs=cfg.precompute_ref, **common),
-    )
-    reference_seconds = time.perf_counter() - reference_started  # with precompute_ref: the reference pass
-    output = trainer.train()
+    with completion_tokens_only():  # the reference pass (precompute_ref) runs while the trainer is built
+        trainer = DPOTrainer(
+            model=backend.model, processing_class=backend.tokenizer, train_dataset=Dataset.from_list(rows),
+            peft_config=lora_config(cfg), callbacks=[ProgressLog()],
+            args=DPOConfig(beta=cfg.beta, loss_type=losses, loss_weights=weights, learning_rate=cfg.learning_rate,
+                           num_train_epochs=cfg.epochs, precompute_ref_log_probs=cfg.precompute_ref, **common),
+        )
+        reference_seconds = time.perf_counter() - reference_started
+        metrics: dict = {"warm_start": start_from is not None and _continue(trainer.model, start_from)}
+        output = trainer.train()
     model = trainer.model
-    metrics = {"dpo_loss": output.training_loss, "dpo_steps": output.global_step}
+    metrics.update(dpo_loss=output.training_loss, dpo_steps=output.global_step)
     if cfg.precompute_ref:
         metrics["reference_seconds"] = round(reference_seconds, 1)
     history = [h for h in trainer.state.log_history if "rewards/margins" in h]
@@ -117,6 +145,20 @@ def train_adapter(backend: ModelBackend, train_pairs: list[dict], thumbs: list[d
     return TrainResult(out_dir, len(rows), len(usable_thumbs), seconds, metrics)
 
 
+def _continue(model, adapter_dir: Path) -> bool:
+    """Load a saved adapter's weights into the fresh adapter "default"; False when its shape differs."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if (saved.get("r"), saved.get("lora_alpha")) != (model.peft_config["default"].r,
+                                                     model.peft_config["default"].lora_alpha):
+        logger.warning("the serving adapter has another LoRA shape; this night starts from a fresh adapter")
+        return False
+    set_peft_model_state_dict(model, load_file(adapter_dir / "adapter_model.safetensors"), adapter_name="default")
+    return True
+
+
 def _kto_ready(thumbs: list[dict], cfg: TrainingSettings) -> list[dict]:
     """Thumbs are used when there are enough of them, and of each kind (a third of the minimum each)."""
     good = sum(t["label"] for t in thumbs)
@@ -133,14 +175,15 @@ def _kto_stage(model, backend: ModelBackend, thumbs: list[dict], cfg: TrainingSe
     random.Random(cfg.seed).shuffle(rows)  # KTO samples sequentially
     good = sum(r["label"] for r in rows)
     undesirable_weight = good / max(1, len(rows) - good)  # keeps n_D*w_D / (n_U*w_U) at 1
-    trainer = KTOTrainer(
-        model=model, processing_class=backend.tokenizer, train_dataset=Dataset.from_list(rows),
-        callbacks=[ProgressLog()],
-        args=KTOConfig(beta=cfg.beta, learning_rate=cfg.learning_rate / 2, num_train_epochs=1,
-                       desirable_weight=1.0, undesirable_weight=undesirable_weight,
-                       **{**common, "per_device_train_batch_size": max(2, cfg.batch_size)}),
-    )
-    output = trainer.train()
+    with completion_tokens_only():
+        trainer = KTOTrainer(
+            model=model, processing_class=backend.tokenizer, train_dataset=Dataset.from_list(rows),
+            callbacks=[ProgressLog()],
+            args=KTOConfig(beta=cfg.beta, learning_rate=cfg.learning_rate / 2, num_train_epochs=1,
+                           desirable_weight=1.0, undesirable_weight=undesirable_weight,
+                           **{**common, "per_device_train_batch_size": max(2, cfg.batch_size)}),
+        )
+        output = trainer.train()
     metrics["kto_loss"] = output.training_loss
     metrics["kto_rows"] = len(rows)
     return trainer.model
