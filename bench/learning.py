@@ -17,27 +17,12 @@ import argparse
 import tempfile
 import time
 
-from bot.config import SamplingSettings, load_settings
+from bot.config import load_settings
 from bot.lineage import adapter_name
 from bot.model import ModelBackend
 from bot.store import Store
 from training import scenarios
-from training.gate import pick_accuracy, sample_stats
 from training.rollover import run_rollover
-
-
-def measure(backend: ModelBackend, settings, scenario: scenarios.Scenario, adapter: str | None) -> dict:
-    count = backend.count_tokens
-    figures = {"accuracy": pick_accuracy(backend, scenarios.test_pairs(settings, count, scenario), adapter)}
-    for where, messages in (("related", scenario.related), ("unrelated", scenario.unrelated)):
-        prompts = [scenarios.prompt_for(settings, count, m) for m in messages]
-        stats = sample_stats(backend, prompts, adapter, settings.gate, SamplingSettings())
-        replies = [t for row in stats["samples"] for t in row]
-        figures[f"trait_{where}"] = sum(scenario.carries(r) for r in replies) / len(replies)
-        if where == "related":
-            figures.update(distinct2=stats["distinct2"], loops=stats["repetition"], length=stats["length"],
-                           examples=replies[:4])
-    return figures
 
 
 def run_trait(key: str, nights: int, picks: int, samples: int) -> None:
@@ -48,7 +33,7 @@ def run_trait(key: str, nights: int, picks: int, samples: int) -> None:
                                  gate={"samples_per_context": samples})
         backend = ModelBackend.load(settings.model)
         store = Store(settings.storage.db_path)
-        rows = {"base": measure(backend, settings, scenario, None)}
+        rows = {"base": scenarios.measure(backend, settings, scenario, None)}
         print(f"\n{key}: {scenario.marker!r}, {picks} picks a night, {nights} night(s)")
         for night in range(1, nights + 1):
             scenarios.add_picks(store, settings, backend.count_tokens, scenario, user, picks, start=(night - 1) * picks)
@@ -66,7 +51,7 @@ def run_trait(key: str, nights: int, picks: int, samples: int) -> None:
                     continue
                 name = adapter_name(serving)
                 backend.load_adapter(name, serving["path"])
-                rows[f"night {night} (gen-{serving['number']})"] = measure(backend, settings, scenario, name)
+                rows[f"night {night} (gen-{serving['number']})"] = scenarios.measure(backend, settings, scenario, name)
                 backend.model = backend.model.unload()
         base = rows["base"]
         print(f"  {'':22} {'accuracy':>8} {'fits':>6} {'off-topic':>9} {'distinct-2':>10} {'loops':>6} {'length':>7}")

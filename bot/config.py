@@ -73,14 +73,15 @@ class TrainingSettings(_Section):
     heldout_fraction: float = Field(0.2, gt=0, lt=1, description="share of new picks held out for the gate "
                                     "(a different share each night; trained the night after)")
     min_heldout_picks: int = Field(16, ge=1, description="held out at least this many new picks (at most half)")
-    pairs_per_night: int = Field(192, ge=8, description="training pairs per night: new picks first, then a "
+    pairs_per_night: int = Field(96, ge=8, description="training pairs per night: new picks first, then a "
                                  "replay sample of older ones; bounds a night's cost")
     replay_share: float = Field(0.25, ge=0, le=0.5, description="share of the budget kept for replaying older "
                                 "picks (when there are any), so earlier lessons are kept")
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     beta: float = Field(0.1, gt=0, description="DPO KL strength: higher stays closer to the base")
-    sft_weight: float = Field(0.05, ge=0, le=1, description="small NLL term on chosen replies")
+    sft_weight: float = Field(0.3, ge=0, le=1, description="NLL term on the chosen replies, beside DPO: keeps "
+                              "replies ending where the user's did (0.05 let a taught style run on)")
     learning_rate: float = Field(5e-5, gt=0)
     epochs: float = Field(2, gt=0)
     batch_size: int = Field(4, ge=1)

@@ -1,56 +1,46 @@
-"""Proof that it learns, on the real embedded model: one night of the real rollover teaches a scripted
-user's preference (their dog is called 콩이, not just 강아지) without losing variety.
+"""Proof that it learns, on the real embedded model: one night of the real rollover, judged by the default
+gate, teaches a scripted user's trait that no prompt contains (training/scenarios.py), without losing variety.
 
-About five CPU minutes. A fuller run with more figures: python bench/learning.py
+About ten CPU minutes each. Fuller runs with more figures: python bench/learning.py
 """
 
 import pytest
 
-from bot.config import SamplingSettings, Settings
+from bot.config import Settings
 from bot.lineage import adapter_name
 from bot.model import ModelBackend
 from bot.store import Store
-from training import scripted
-from training.gate import sample_stats
+from training import scenarios
 from training.rollover import run_rollover
 
 pytestmark = pytest.mark.embedded
-USER = "test:kong"
+PICKS = 80
 
 
-@pytest.mark.timeout(2400)  # about 7 CPU minutes on 2 cores; room for a busy machine
-def test_one_night_learns_the_dogs_name_and_keeps_replies_varied(tmp_path):
-    settings = Settings(storage={"data_dir": tmp_path}, training={"min_new_picks": 1},
-                        gate={"probe_contexts": 5, "samples_per_context": 4})
+def one_night(tmp_path, key: str) -> tuple[dict, dict, dict]:
+    """Base figures, the night's outcome metrics, the new generation's figures."""
+    settings = Settings(storage={"data_dir": tmp_path}, training={"min_new_picks": 1})  # the default gate
+    scenario = scenarios.SCENARIOS[key]
     backend = ModelBackend.load(settings.model)
     store = Store(settings.storage.db_path)
-    card = scripted.persona()
-    pairs = scripted.add_scripted_picks(store, backend, card, USER, count=50)
+    user = f"test:{key}"
+    scenarios.add_picks(store, settings, backend.count_tokens, scenario, user, PICKS)
+    base = scenarios.measure(backend, settings, scenario, None)
 
     [outcome] = run_rollover(settings, backend=backend)  # the nightly job itself, in this process
-    m = outcome.metrics
-    assert m["accuracy_base"] < 0.5, m                       # the base prefers the plain word
-    assert m["accuracy"] >= 0.8, m                           # held-out pick accuracy after one night
-    assert outcome.status == "promoted", outcome.reason
-    assert m["distinct2"] >= 0.9 * m["distinct2_base"] and m["repetition"] == 0, m
-
-    generation = store.serving(USER)
-    name = adapter_name(generation)
-    backend.load_adapter(name, generation["path"])
-    heldout = pairs[-10:]
-    higher = 0
-    for pair in heldout:
-        [(base_lp, n)] = backend.completion_logprobs(pair["prompt"], [f" {pair['chosen']}\n"], None)
-        [(new_lp, _)] = backend.completion_logprobs(pair["prompt"], [f" {pair['chosen']}\n"], name)
-        higher += new_lp > base_lp
-    assert higher >= 8, f"only {higher}/10 held-out replies with the name became more likely"
-
-    # Where the dog does not belong, the name does not appear and the replies stay varied.
-    open_prompts = [scripted.prompt_for(card, message, backend) for message in scripted.OPEN_MESSAGES]
-    gate = settings.gate.model_copy(update={"samples_per_context": 4})
-    base = sample_stats(backend, open_prompts, None, gate, SamplingSettings())
-    new = sample_stats(backend, open_prompts, name, gate, SamplingSettings())
-    replies = [t for row in new["samples"] for t in row]
-    assert scripted.trait_rate(replies) <= 0.1, replies
-    assert new["distinct2"] >= 0.9 * base["distinct2"] and new["repetition"] == 0
+    assert outcome.status == "promoted", outcome.line()
+    generation = store.serving(user)
+    backend.load_adapter(adapter_name(generation), generation["path"])
+    new = scenarios.measure(backend, settings, scenario, adapter_name(generation))
     store.close()
+    return base, outcome.metrics, new
+
+
+@pytest.mark.timeout(3600)
+def test_one_night_learns_a_fact_the_persona_does_not_mention(tmp_path):
+    base, m, new = one_night(tmp_path, "fact")
+    assert m["accuracy_base"] < 0.5 and m["accuracy"] >= 0.8, m       # held-out picks, by the gate
+    assert base["accuracy"] < 0.5 and new["accuracy"] >= 0.8, new     # new topics and replies, never stored
+    assert new["trait_unrelated"] <= 0.25, new                        # not dropped into unrelated chat
+    assert new["distinct2"] >= 0.9 * base["distinct2"] and new["loops"] <= base["loops"], (base, new)
+    assert m["obsession"] <= 0.25 and m["taught"] == ["몽실"], m

@@ -25,7 +25,7 @@ def test_thirty_nights_cost_the_same_each_night_and_keep_the_first_lesson(settin
                        "samples_per_context": 2}.items():
         setattr(settings.gate, key, value)
     fact = scenarios.SCENARIOS["fact"]
-    first_lesson = scenarios.test_pairs(settings, tiny_backend.count_tokens, fact)
+    first_lesson = scenarios.unseen_pairs(settings, tiny_backend.count_tokens, fact)
     base_accuracy = pick_accuracy(tiny_backend, first_lesson, None)
 
     nights = []

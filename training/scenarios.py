@@ -23,10 +23,12 @@ import random
 from dataclasses import dataclass
 
 from bot.config import Settings
+from bot.model import ModelBackend
 from bot.picks_import import import_pick_records, live_prompt
 from bot.prompt import Turn
 from bot.store import Store
 from persona import PersonaCard, PersonaLibrary
+from training.gate import pick_accuracy, sample_stats
 
 PET, PLAIN_PET = "몽실이", "고양이"
 NYANG = "냥"
@@ -181,7 +183,23 @@ def prompt_for(settings: Settings, count_tokens, message: str) -> str:
     return live_prompt(persona(), [Turn("user", message)], settings, count_tokens).text
 
 
-def test_pairs(settings: Settings, count_tokens, scenario: Scenario) -> list[dict]:
+def unseen_pairs(settings: Settings, count_tokens, scenario: Scenario) -> list[dict]:
     """The scenario's never-stored pairs with their prompts, in the gate's pair format."""
     return [{"prompt": prompt_for(settings, count_tokens, message), "chosen": chosen, "rejected": rejected,
              "pick_id": i} for i, (message, chosen, rejected) in enumerate(scenario.test)]
+
+
+def measure(backend: ModelBackend, settings: Settings, scenario: Scenario, adapter: str | None) -> dict:
+    """Accuracy on the never-stored pairs; how often sampled replies carry the trait where it fits and where
+    it does not; variety, loops and length of the replies where it fits."""
+    count = backend.count_tokens
+    figures = {"accuracy": pick_accuracy(backend, unseen_pairs(settings, count, scenario), adapter)}
+    for where, messages in (("related", scenario.related), ("unrelated", scenario.unrelated)):
+        prompts = [prompt_for(settings, count, m) for m in messages]
+        stats = sample_stats(backend, prompts, adapter, settings.gate, settings.sampling)
+        replies = [t for row in stats["samples"] for t in row]
+        figures[f"trait_{where}"] = sum(scenario.carries(r) for r in replies) / len(replies)
+        if where == "related":
+            figures.update(distinct2=stats["distinct2"], loops=stats["repetition"], length=stats["length"],
+                           examples=replies[:4])
+    return figures
