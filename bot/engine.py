@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bot.config import Settings
-from bot.lineage import adapter_name, lineage_of
+from bot.lineage import RETRAIN_FROM_BASE, adapter_name, lineage_of
 from bot.model import ModelBackend, Sample
 from bot.prompt import Prompt, Turn, build_prompt, clean_reply, shorten
 from bot.serving import AdapterError, AdapterRef, Generator, LocalGenerator
@@ -274,9 +274,11 @@ class DialogueEngine:
         async with self._user_locks[user.id]:
             self.store.forget_user(user.id)
             lineage = lineage_of(user.id, self.settings)
-            if lineage == user.id:  # a shared lineage is not theirs alone; their picks are gone from it anyway
+            if lineage == user.id:
                 for path in self.store.forget_lineage(lineage):
                     shutil.rmtree(path, ignore_errors=True)
+            else:  # a shared lineage is not theirs alone: its next night starts from the base, without them
+                self.store.set_flag(RETRAIN_FROM_BASE + lineage, str(time.time()))  # when: see rollover
 
     # -- internals ------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import re
 from bot.config import Settings
 
 SHARED = "shared"
+RETRAIN_FROM_BASE = "retrain_from_base:"  # flag prefix + lineage: the next night must not continue the adapter
 
 
 class GenerationError(ValueError):

@@ -12,7 +12,9 @@ pytestmark = pytest.mark.embedded
 
 @pytest.fixture(scope="module")
 def embedded_backend(embedded_settings):
-    return ModelBackend.load(embedded_settings.model)
+    # seeded: "most replies end at the line break" is a rate (about 0.85 here), and an unseeded draw of
+    # three would fail now and then for no reason
+    return ModelBackend.load(embedded_settings.model.model_copy(update={"seed": 1234}))
 
 
 async def test_three_candidates_are_distinct_and_stop_at_the_turn(embedded_settings, embedded_backend, tmp_path):

@@ -140,6 +140,18 @@ async def test_shared_lineage_learns_from_everybody(engine, settings):
     assert outcome.lineage == "shared" and outcome.status == "promoted"
     assert (await engine.on_message(ALICE, "같이")).generation == "user-shared-gen-1"
 
+    await make_picks(engine, ALICE, 4)
+    [second] = run_rollover(settings)
+    assert second.metrics["warm_start"]  # nights continue the shared adapter...
+    await engine.forget(UserRef("test", "bob"))
+    await make_picks(engine, ALICE, 4)
+    [third] = run_rollover(settings)  # ...until someone forgets: what Bob taught must not live on in it
+    assert third.status == "promoted" and not third.metrics["warm_start"], third
+    alice_picks = len(engine.store.pick_ids(ALICE.id))  # all of Alice's picks are new to it, none of Bob's remain
+    assert third.metrics["picks"] == third.metrics["new_picks"] == alice_picks == len(engine.store.pick_ids())
+    await make_picks(engine, ALICE, 4)
+    assert run_rollover(settings)[0].metrics["warm_start"]
+
 
 def test_a_second_rollover_while_one_runs_exits_at_once(settings):
     with rollover_lock(settings):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bot.config import Settings, load_settings
-from bot.lineage import SHARED, GenerationError, adapter_name
+from bot.lineage import RETRAIN_FROM_BASE, SHARED, GenerationError, adapter_name
 from bot.model import ModelBackend
 from bot.store import Store, now
 from training.dataset import plan_night
@@ -136,7 +136,11 @@ def _roll(store: Store, settings: Settings, backend: ModelBackend, lineage: str,
     cfg = settings.training
     current = store.serving(lineage)
     number = next_number(store, settings, lineage)
-    data = plan_night(store, users, cfg, current, _heldout_of(current), night=number)
+    # After a user of a shared lineage forgot their data, its adapter still holds what they taught:
+    # the night starts from the base on the remaining picks instead of continuing it.
+    retrain = store.flag(RETRAIN_FROM_BASE + lineage)
+    start = None if retrain else current
+    data = plan_night(store, users, cfg, start, _heldout_of(start), night=number)
     if not data.train_pairs or not data.heldout_pairs:
         return Outcome(lineage, "skipped", f"{data.new_picks} new picks are too few for a training and a held-out "
                                            "part")
@@ -148,7 +152,7 @@ def _roll(store: Store, settings: Settings, backend: ModelBackend, lineage: str,
 
     result = train_adapter(backend, data.train_pairs, data.thumbs, cfg, partial,
                            max_reply_tokens=settings.sampling.max_new_tokens,
-                           start_from=Path(current["path"]) if current else None)
+                           start_from=Path(start["path"]) if start else None)
     backend.load_adapter("candidate", partial)
     current_name = None
     if current is not None:
@@ -176,6 +180,8 @@ def _roll(store: Store, settings: Settings, backend: ModelBackend, lineage: str,
                                          metrics, data.last_pick_id, "; ".join(report.reasons))
     if report.passed:
         store.set_serving(lineage, generation_id)
+        if retrain and store.flag(RETRAIN_FROM_BASE + lineage) == retrain:  # nobody forgot since this night began
+            store.set_flag(RETRAIN_FROM_BASE + lineage, None)
     _prune(store, settings, lineage)
     return Outcome(lineage, status, "; ".join(report.reasons), number, metrics)
 
