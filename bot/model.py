@@ -48,14 +48,15 @@ class Sample:
     hit_stop: bool
 
 
-def cpu_has_bf16() -> bool:
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
     """True when the CPU computes in bfloat16 natively (AVX512-BF16 or AMX); elsewhere torch emulates it,
-    and a bfloat16 backward pass is a hundred times slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+    and a bfloat16 backward pass is a hundred times slower than float32. Reads /proc/cpuinfo by default."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
 
 
 def resolve_dtype(name: str) -> torch.dtype:

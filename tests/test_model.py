@@ -3,7 +3,7 @@
 import pytest
 
 from bot.config import ModelSettings, SamplingSettings
-from bot.model import ModelBackend, ModelError, resolve_dtype
+from bot.model import ModelBackend, ModelError, cpu_has_bf16, resolve_dtype
 
 
 def test_batched_samples_stop_at_the_first_stop_string(tiny_backend):
@@ -40,10 +40,13 @@ def test_folder_without_config_is_refused(tmp_path):
         ModelBackend.load(ModelSettings(name=str(tmp_path)))
 
 
-def test_dtype_auto_is_bfloat16_on_cpu():
+def test_dtype_auto_is_bfloat16_only_on_cpus_that_compute_in_it():
     import torch
 
-    assert resolve_dtype("auto") == torch.bfloat16
+    assert cpu_has_bf16("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile")
+    assert cpu_has_bf16("flags\t\t: fpu avx2 amx_bf16 amx_tile")
+    assert not cpu_has_bf16("flags\t\t: fpu sse4_2 avx2 avx512f avx512_vnni")
+    assert resolve_dtype("auto") == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
     assert resolve_dtype("float32") == torch.float32
 
 

@@ -144,7 +144,6 @@ async def test_shared_lineage_learns_from_everybody(engine, settings):
     [second] = run_rollover(settings)
     assert second.metrics["warm_start"]  # nights continue the shared adapter...
     await engine.forget(UserRef("test", "bob"))
-    await make_picks(engine, ALICE, 4)
     [third] = run_rollover(settings)  # ...until someone forgets: what Bob taught must not live on in it
     assert third.status == "promoted" and not third.metrics["warm_start"], third
     alice_picks = len(engine.store.pick_ids(ALICE.id))  # all of Alice's picks are new to it, none of Bob's remain

@@ -70,12 +70,12 @@ def plan_night(store: Store, users: list[str] | None, cfg: TrainingSettings, ser
     learned_through = serving["last_pick_id"] if serving else 0
     known = set(ids)
     new = [i for i in ids if i > learned_through]
-    retest = [i for i in (serving_heldout or []) if i in known and i <= learned_through]
+    retest = {i for i in (serving_heldout or []) if i in known and i <= learned_through}
 
     heldout_count = min(max(round(len(new) * cfg.heldout_fraction), cfg.min_heldout_picks), len(new) // 2)
     heldout = sorted(sorted(new, key=lambda i: rotation(i, night))[:heldout_count])
-    fresh = sorted(set(new) - set(heldout) | set(retest))
-    old = [i for i in ids if i <= learned_through and i not in set(retest)]
+    fresh = sorted(set(new) - set(heldout) | retest)
+    old = [i for i in ids if i <= learned_through and i not in retest]
 
     def pairs_of(pick_ids: list[int]) -> list[dict]:
         records = [r for user in (users or [None]) for r in store.preference_records(user, pick_ids=pick_ids)]

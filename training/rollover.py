@@ -124,9 +124,11 @@ def run_rollover(settings: Settings, only: str | None = None, force: bool = Fals
 
 
 def _skip_reason(store: Store, settings: Settings, lineage: str, users, force: bool) -> Outcome | None:
+    if store.flag(RETRAIN_FROM_BASE + lineage) is not None:  # someone forgot: retrain even with no new picks
+        return None
     history = store.generations(lineage)
     after = max((g["last_pick_id"] for g in history), default=0)
-    new = sum(1 for user in (users or [None]) for _ in store.preference_records(user, after_pick_id=after))
+    new = sum(1 for user in (users or [None]) for i in store.pick_ids(user) if i > after)
     if new == 0 or (new < settings.training.min_new_picks and not force):
         return Outcome(lineage, "skipped", f"{new} new picks (needs {settings.training.min_new_picks})")
     return None
