@@ -19,7 +19,8 @@ def test_thirty_nights_cost_the_same_each_night_and_keep_the_first_lesson(settin
     settings.training = TrainingSettings(min_new_picks=4, pairs_per_night=24, replay_share=0.25, epochs=1,
                                          batch_size=4, grad_accum=1, learning_rate=2e-3, min_heldout_picks=3,
                                          max_rejected_per_pick=1)
-    for key, value in {"min_accuracy": 0.0, "min_gain_over_base": -1.0, "min_distinct2_ratio": 0.0,
+    for key, value in {"min_accuracy": 0.0, "min_gain_over_base": -1.0, "max_drop_from_current": 1.0,
+                       "min_distinct2_ratio": 0.0,
                        "max_self_bleu_ratio": 100.0, "max_repetition_rate": 1.0, "length_band": (0.0, 100.0),
                        "max_kl_per_token": 1e9, "max_obsession": 1.0, "probe_contexts": 2,
                        "samples_per_context": 2}.items():
