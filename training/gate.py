@@ -46,8 +46,7 @@ def pair_wins(backend: ModelBackend, pairs: list[dict], adapter: str | None) -> 
 
 
 def pick_accuracy(backend: ModelBackend, pairs: list[dict], adapter: str | None) -> float:
-    wins = pair_wins(backend, pairs, adapter)
-    return sum(wins) / len(wins) if wins else 0.0
+    return _mean(pair_wins(backend, pairs, adapter))
 
 
 def bootstrap(groups: list[int], values: list[float], level: float, seed: int = 0) -> tuple[float, float]:
