@@ -4,6 +4,7 @@ does not contain (training/scenarios.py), night after night, through the real ro
     python bench/learning.py                                  # both traits, one night of 60 picks
     python bench/learning.py --trait fact --nights 10         # 60 new picks a night: history 60 -> 600
     python bench/learning.py --trait style --nights 30 --picks 20
+    python bench/learning.py --trait fact --history 60,120,540,600    # a night's cost at 60..600 picks
 
 For each trait it prints every night's verdict and cost (minutes, pairs trained, pairs a minute, history
 length), then base vs the first night vs the last night: accuracy on new-topic pairs never stored
@@ -25,7 +26,8 @@ from training import scenarios
 from training.rollover import run_rollover
 
 
-def run_trait(key: str, nights: int, picks: int, samples: int) -> None:
+def run_trait(key: str, new_picks: list[int], samples: int) -> None:
+    """One scripted user over len(new_picks) nights; night i adds new_picks[i] picks before it runs."""
     scenario = scenarios.SCENARIOS[key]
     user = f"bench:{key}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -34,9 +36,10 @@ def run_trait(key: str, nights: int, picks: int, samples: int) -> None:
         backend = ModelBackend.load(settings.model)
         store = Store(settings.storage.db_path)
         rows = {"base": scenarios.measure(backend, settings, scenario, None)}
-        print(f"\n{key}: {scenario.marker!r}, {picks} picks a night, {nights} night(s)")
-        for night in range(1, nights + 1):
-            scenarios.add_picks(store, settings, backend.count_tokens, scenario, user, picks, start=(night - 1) * picks)
+        nights = len(new_picks)
+        print(f"\n{key}: {scenario.marker!r}, {nights} night(s), new picks a night: {new_picks}")
+        for night, picks in enumerate(new_picks, start=1):
+            scenarios.add_picks(store, settings, backend.count_tokens, scenario, user, picks, start=sum(new_picks[:night - 1]))
             started = time.perf_counter()
             [outcome] = run_rollover(settings, backend=backend)
             minutes = (time.perf_counter() - started) / 60
@@ -68,10 +71,19 @@ def main() -> None:
     parser.add_argument("--trait", choices=[*scenarios.SCENARIOS, "both"], default="both")
     parser.add_argument("--nights", type=int, default=1)
     parser.add_argument("--picks", type=int, default=60, help="new picks a night")
+    parser.add_argument("--history", help="comma-separated history lengths after each night (instead of "
+                        "--nights/--picks), e.g. 60,120,540,600: a night's cost as the history grows")
     parser.add_argument("--samples", type=int, default=6, help="samples per probe prompt")
     args = parser.parse_args()
+    if args.history:
+        sizes = [int(h) for h in args.history.split(",")]
+        new_picks = [b - a for a, b in zip([0, *sizes], sizes)]
+        if min(new_picks) < 1:
+            parser.error("--history must grow from night to night")
+    else:
+        new_picks = [args.picks] * args.nights
     for key in scenarios.SCENARIOS if args.trait == "both" else [args.trait]:
-        run_trait(key, args.nights, args.picks, args.samples)
+        run_trait(key, new_picks, args.samples)
 
 
 if __name__ == "__main__":

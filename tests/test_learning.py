@@ -1,7 +1,7 @@
 """Proof that it learns, on the real embedded model: one night of the real rollover, judged by the default
 gate, teaches a scripted user's trait that no prompt contains (training/scenarios.py), without losing variety.
 
-About ten CPU minutes each. Fuller runs with more figures: python bench/learning.py
+About ten CPU minutes. Fuller runs with more figures, the speech style too: python bench/learning.py
 """
 
 import pytest
@@ -44,3 +44,4 @@ def test_one_night_learns_a_fact_the_persona_does_not_mention(tmp_path):
     assert new["trait_unrelated"] <= 0.25, new                        # not dropped into unrelated chat
     assert new["distinct2"] >= 0.9 * base["distinct2"] and new["loops"] <= max(0.05, base["loops"]), (base, new)
     assert m["obsession"] <= 0.25 and m["taught"] == ["몽실"], m
+

@@ -49,6 +49,9 @@ def test_thirty_nights_cost_the_same_each_night_and_keep_the_first_lesson(settin
     assert all(m["warm_start"] for m in nights[1:]) and not nights[0]["warm_start"]
     assert all(m["replay_pairs"] >= 6 for m in nights[2:])
     assert all(m["new_picks"] == PICKS_A_NIGHT for m in nights)
+    # every pick is tested once before it is learned: the serving generation, on each night's new picks
+    assert "serving_accuracy_on_new" not in nights[0]
+    assert all(m["serving_tested_pairs"] == PICKS_A_NIGHT for m in nights[1:])
 
     # what the first night taught is still there on night 30
     generation = store.serving(USER)

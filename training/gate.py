@@ -231,6 +231,9 @@ def verdict(status: str, m: dict) -> str:
              f"distinct-2 {m['distinct2'] / max(m['distinct2_base'], 1e-6):.2f}x base",
              f"loops {m['repetition']:.0%} (base {m['repetition_base']:.0%})",
              f"length {m['length'] / max(m['length_base'], 1e-6):.2f}x"]
+    if "serving_accuracy_on_new" in m:
+        parts.append(f"the serving generation had {m['serving_accuracy_on_new']:.2f} on tonight's "
+                     f"{m['serving_tested_pairs']} new pairs")
     if "obsession" in m:
         parts.append(f"off-topic {'/'.join(m['taught'])} {m['obsession']:.0%} (base {m['obsession_base']:.0%})")
     return f"{status}: " + ", ".join(parts)

@@ -18,6 +18,7 @@ import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -87,6 +88,45 @@ def completion_tokens_only():
         trl_utils._use_triton = original
 
 
+def rejected_end_unjudged(tokenizer, cfg: TrainingSettings, transcript: bool = True):
+    """TRL's preference collator, except that a rejected reply's end of turn (its trailing line breaks,
+    end-of-text and end-of-turn tokens) is left out of the loss, and so is the end-of-text token TRL
+    appends to transcript replies (they end at their line break; the model never writes end-of-text there).
+
+    A user who rejects a reply rejects what it says, not that it ended. Pushing a rejected reply's ending
+    down teaches "do not stop after a sentence like this"; when the chosen and rejected replies are the
+    same sentence with one piece changed (a taught speech style), that is every ending the model already
+    uses, and its replies run on. The chosen reply's line break still counts, and the SFT term teaches
+    it too. Without the appended end-of-text on the chosen side, DPO cannot meet its margin by raising
+    a token the sampler never uses instead of learning what the user picked.
+    """
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    special = set(tokenizer.all_special_ids)
+
+    @lru_cache(maxsize=None)
+    def ends_a_turn(token_id: int) -> bool:
+        return token_id in special or not tokenizer.decode([token_id]).strip()
+
+    class Collator(DataCollatorForPreference):
+        def torch_call(self, examples):
+            batch = super().torch_call(examples)
+            ids, mask = batch["input_ids"], batch["completion_mask"]
+            half = mask.size(0) // 2  # chosen rows first, then the rejected ones
+            for row in range(mask.size(0)):
+                positions = mask[row].nonzero().flatten().tolist()
+                if row < half:
+                    if transcript and len(positions) > 1 and ids[row, positions[-1]] == tokenizer.eos_token_id:
+                        mask[row, positions[-1]] = 0
+                    continue
+                while len(positions) > 1 and ends_a_turn(ids[row, positions[-1]].item()):
+                    mask[row, positions.pop()] = 0
+            return batch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Collator(pad_token_id=pad, max_length=cfg.max_length)
+
+
 def lora_config(cfg: TrainingSettings) -> LoraConfig:
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
@@ -118,6 +158,8 @@ def train_adapter(backend: ModelBackend, train_pairs: list[dict], thumbs: list[d
         trainer = DPOTrainer(
             model=backend.model, processing_class=backend.tokenizer, train_dataset=Dataset.from_list(rows),
             peft_config=lora_config(cfg), callbacks=[ProgressLog()],
+            data_collator=(rejected_end_unjudged(backend.tokenizer, cfg, not backend.use_chat_template)
+                           if cfg.rejected_end_unjudged else None),
             args=DPOConfig(beta=cfg.beta, loss_type=losses, loss_weights=weights, learning_rate=cfg.learning_rate,
                            num_train_epochs=cfg.epochs, precompute_ref_log_probs=cfg.precompute_ref, **common),
         )

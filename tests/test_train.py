@@ -1,0 +1,56 @@
+"""What DPO is trained on: a rejected reply's end of turn is left out of the loss; a chosen reply's line break
+counts, but not the end-of-text token TRL appends to transcript replies (the sampler stops at the line break)."""
+
+from __future__ import annotations
+
+from transformers import AutoTokenizer
+
+from bot.config import TrainingSettings
+from training.train import rejected_end_unjudged
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _judged(tokenizer, batch, row: int) -> str:
+    """The completion text the loss sees in `row` of a collated batch."""
+    keep = batch["completion_mask"][row].bool()
+    return tokenizer.decode(batch["input_ids"][row][keep])
+
+
+def test_a_rejected_reply_is_judged_without_its_line_break_and_end_of_text(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    collate = rejected_end_unjudged(tokenizer, TrainingSettings())
+    eos = [tokenizer.eos_token_id]
+    batch = collate.torch_call([
+        {"prompt_ids": _ids(tokenizer, "나: 안녕\n하루:"), "chosen_ids": _ids(tokenizer, " 라면 어때?\n") + eos,
+         "rejected_ids": _ids(tokenizer, " 라면 어때\n\n") + eos},
+        {"prompt_ids": _ids(tokenizer, "나: 배고파\n하루:"), "chosen_ids": _ids(tokenizer, " 저녁 뭐 먹지?\n") + eos,
+         "rejected_ids": _ids(tokenizer, " 고생했어~\n") + eos},
+    ])
+    assert _judged(tokenizer, batch, 0) == " 라면 어때?\n"  # chosen rows keep their line break
+    assert _judged(tokenizer, batch, 1) == " 저녁 뭐 먹지?\n"
+    assert _judged(tokenizer, batch, 2) == " 라면 어때"  # rejected rows lose theirs, and only that
+    assert _judged(tokenizer, batch, 3) == " 고생했어~"
+    assert batch["attention_mask"][3].sum() == len(_ids(tokenizer, "나: 배고파\n하루: 고생했어~\n")) + 1
+
+
+def test_a_rejected_reply_that_is_only_an_ending_keeps_one_token(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    collate = rejected_end_unjudged(tokenizer, TrainingSettings())
+    batch = collate.torch_call([{"prompt_ids": _ids(tokenizer, "나: 안녕\n하루:"),
+                                 "chosen_ids": _ids(tokenizer, " 안녕!\n"),
+                                 "rejected_ids": _ids(tokenizer, "\n") + [tokenizer.eos_token_id]}])
+    assert batch["completion_mask"][1].sum() == 1
+
+
+def test_with_a_chat_template_the_chosen_reply_keeps_its_end_of_turn(tiny_chat_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model_dir)
+    collate = rejected_end_unjudged(tokenizer, TrainingSettings(), transcript=False)
+    eos = [tokenizer.eos_token_id]  # standing in for a template's end-of-turn token
+    batch = collate.torch_call([{"prompt_ids": _ids(tokenizer, "<|user|>안녕\n<|assistant|>"),
+                                 "chosen_ids": _ids(tokenizer, "라면 어때?") + eos + _ids(tokenizer, "\n"),
+                                 "rejected_ids": _ids(tokenizer, "고생했어~") + eos + _ids(tokenizer, "\n")}])
+    assert _judged(tokenizer, batch, 0) == "라면 어때?<eos>\n"
+    assert _judged(tokenizer, batch, 1) == "고생했어~"
