@@ -39,7 +39,8 @@ def run_trait(key: str, new_picks: list[int], samples: int) -> None:
         nights = len(new_picks)
         print(f"\n{key}: {scenario.marker!r}, {nights} night(s), new picks a night: {new_picks}")
         for night, picks in enumerate(new_picks, start=1):
-            scenarios.add_picks(store, settings, backend.count_tokens, scenario, user, picks, start=sum(new_picks[:night - 1]))
+            scenarios.add_picks(store, settings, backend.count_tokens, scenario, user, picks,
+                                start=sum(new_picks[:night - 1]))
             started = time.perf_counter()
             [outcome] = run_rollover(settings, backend=backend)
             minutes = (time.perf_counter() - started) / 60

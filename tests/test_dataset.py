@@ -66,7 +66,8 @@ async def test_a_night_continues_the_serving_generation_within_a_bounded_budget(
     assert len(trained) == cfg.pairs_per_night == len(set(trained))
     # the serving generation is tested on every new pick (trained tonight or held out), and on nothing else
     new_ids = {i for i in store.pick_ids(ALICE.id) if i > first.last_pick_id}
-    assert {p["pick_id"] for p in second.unseen_pairs} == new_ids and len(second.unseen_pairs) == 8
+    tested = [p["pick_id"] for p in second.new_train_pairs] + second.heldout_pick_ids
+    assert set(tested) == new_ids and len(tested) == 8
 
     await make_picks(engine, ALICE, 60)  # a long history: the night's size stays the budget
     third = plan_night(store, [ALICE.id], cfg, {"last_pick_id": second.last_pick_id}, second.heldout_pick_ids,

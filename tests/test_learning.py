@@ -44,4 +44,3 @@ def test_one_night_learns_a_fact_the_persona_does_not_mention(tmp_path):
     assert new["trait_unrelated"] <= 0.25, new                        # not dropped into unrelated chat
     assert new["distinct2"] >= 0.9 * base["distinct2"] and new["loops"] <= max(0.05, base["loops"]), (base, new)
     assert m["obsession"] <= 0.25 and m["taught"] == ["몽실"], m
-

@@ -17,7 +17,7 @@ generation has not learned yet, never on the whole history again:
               history allows
 
 Every pick is tested once before it is trained: the serving generation is scored on tonight's new
-picks (`unseen_pairs`) before the night learns them, so "how often did the companion already prefer
+picks (the held-out share and `new_train_pairs`) before the night learns them, so "how often did the companion already prefer
 what the user picked" is measured on every pick, and the held-out share also tests the new generation.
 
 The night's cost therefore depends on the budget, not on how long the user has been chatting. Each pick
@@ -47,8 +47,8 @@ class PreferenceData:
     new_picks: int = 0                  # picks the serving generation has not learned
     replay_pairs: int = 0
     heldout_pick_ids: list[int] = field(default_factory=list)
-    unseen_pairs: list[dict] = field(default_factory=list)  # new picks' pairs (held-out ones too), at most
-    # a budget of them: the serving generation never trained on these, so it is tested on them first
+    new_train_pairs: list[dict] = field(default_factory=list)  # the trained pairs from new picks: with the
+    # held-out ones, what the serving generation never trained on, so it is tested on them first
 
 
 def pick_pairs(records: list[dict], max_rejected: int = 2) -> list[dict]:
@@ -94,17 +94,16 @@ def plan_night(store: Store, users: list[str] | None, cfg: TrainingSettings, ser
     sample = random.Random(night).sample(old, min(len(old), room)) if room > 0 else []
     replay = pairs_of(sample)[:room]
     thumbs = [t for user in (users or [None]) for t in store.thumb_records(user)][-budget:]
-    heldout_pairs = pairs_of(heldout)
     return PreferenceData(
         train_pairs=fresh_pairs + replay,
-        heldout_pairs=heldout_pairs,
+        heldout_pairs=pairs_of(heldout),
         thumbs=thumbs,
         last_pick_id=ids[-1],
         picks=len(ids),
         new_picks=len(new),
         replay_pairs=len(replay),
         heldout_pick_ids=heldout,
-        unseen_pairs=[p for p in fresh_pairs if p["pick_id"] > learned_through] + heldout_pairs,
+        new_train_pairs=[p for p in fresh_pairs if p["pick_id"] > learned_through],
     )
 
 

@@ -31,7 +31,7 @@ from bot.lineage import RETRAIN_FROM_BASE, SHARED, GenerationError, adapter_name
 from bot.model import ModelBackend
 from bot.store import Store, now
 from training.dataset import plan_night
-from training.gate import GateReport, evaluate, pick_accuracy, verdict
+from training.gate import GateReport, evaluate, pair_wins, verdict
 from training.train import train_adapter
 
 logger = logging.getLogger(__name__)
@@ -163,8 +163,11 @@ def _roll(store: Store, settings: Settings, backend: ModelBackend, lineage: str,
     report: GateReport = evaluate(backend, data.heldout_pairs, "candidate", current_name, settings.gate,
                                   settings.sampling, data.train_pairs)
     if start is not None:  # every new pick, tested once by the generation that had not learned it
-        report.metrics["serving_accuracy_on_new"] = pick_accuracy(backend, data.unseen_pairs, current_name)
-        report.metrics["serving_tested_pairs"] = len(data.unseen_pairs)
+        heldout_wins = report.metrics["accuracy_current"] * len(data.heldout_pairs)  # scored by the gate
+        tested = len(data.new_train_pairs) + len(data.heldout_pairs)
+        wins = sum(pair_wins(backend, data.new_train_pairs, current_name)) + heldout_wins
+        report.metrics["serving_accuracy_on_new"] = wins / tested
+        report.metrics["serving_tested_pairs"] = tested
     backend.model = backend.model.unload()  # back to the plain base for the next lineage
 
     metrics = {**result.metrics, **report.metrics, "train_pairs": result.pairs, "thumbs": result.thumbs,
