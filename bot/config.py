@@ -85,7 +85,9 @@ class TrainingSettings(_Section):
     rejected_end_unjudged: bool = Field(False, description="leave a rejected reply's end of turn (line break, "
                                         "end-of-text) out of the DPO loss (measured: replies were not shorter)")
     learning_rate: float = Field(5e-5, gt=0)
-    epochs: float = Field(2, gt=0)
+    epochs: float = Field(2, gt=0, description="passes over the night's pairs, at most (see stop_margin)")
+    stop_margin: float | None = Field(1.0, gt=0, description="stop once the last ~32 pairs trained were won by "
+                                      "this mean DPO reward margin (None: always run every pass)")
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(2, ge=1)
     max_length: int = Field(1152, ge=64, description="prompt + reply tokens; older turns are trimmed first")

@@ -1,12 +1,14 @@
 """What DPO is trained on: a rejected reply's end of turn is left out of the loss; a chosen reply's line break
-counts, but not the end-of-text token TRL appends to transcript replies (the sampler stops at the line break)."""
+counts, but not the end-of-text token TRL appends to transcript replies (the sampler stops at the line break).
+And when it stops: once the pairs are won by `training.stop_margin`, not after every pass regardless."""
 
 from __future__ import annotations
 
 from transformers import AutoTokenizer
 
 from bot.config import TrainingSettings
-from training.train import rejected_end_unjudged
+from training import scenarios
+from training.train import rejected_end_unjudged, train_adapter
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -54,3 +56,24 @@ def test_with_a_chat_template_the_chosen_reply_keeps_its_end_of_turn(tiny_chat_m
                                  "rejected_ids": _ids(tokenizer, "고생했어~") + eos + _ids(tokenizer, "\n")}])
     assert _judged(tokenizer, batch, 0) == "라면 어때?<eos>\n"
     assert _judged(tokenizer, batch, 1) == "고생했어~"
+
+
+def test_a_night_stops_once_its_pairs_are_won_and_a_warm_start_that_knows_them_stops_at_once(settings, tiny_backend,
+                                                                                           tmp_path):
+    pairs = scenarios.unseen_pairs(settings, tiny_backend.count_tokens, scenarios.SCENARIOS["fact"]) * 2
+    cfg = TrainingSettings(epochs=4, batch_size=4, grad_accum=4, learning_rate=2e-3, stop_margin=None)
+    first = train_adapter(tiny_backend, pairs, [], cfg, tmp_path / "first")
+    assert first.metrics["dpo_steps"] == first.metrics["dpo_max_steps"] > 4  # no stop: every pass runs
+    learned = first.metrics["train_margin"]
+    assert learned > 0.1
+
+    # continuing the adapter that already wins these pairs: the first window of steps (32 pairs) is won
+    again = train_adapter(tiny_backend, pairs, [], cfg.model_copy(update={"stop_margin": learned / 2}),
+                          tmp_path / "again", start_from=tmp_path / "first")
+    assert again.metrics["warm_start"]
+    assert again.metrics["dpo_steps"] == 2 < again.metrics["dpo_max_steps"]
+
+    # the same night from a fresh adapter has to learn them first
+    fresh = train_adapter(tiny_backend, pairs, [], cfg.model_copy(update={"stop_margin": learned / 2}),
+                          tmp_path / "fresh")
+    assert fresh.metrics["dpo_steps"] > 2

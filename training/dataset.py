@@ -20,6 +20,9 @@ Every pick is tested once before it is trained: the serving generation is scored
 picks (the held-out share and `new_train_pairs`) before the night learns them, so "how often did the companion already prefer
 what the user picked" is measured on every pick, and the held-out share also tests the new generation.
 
+On a warm night the rollover then trains only the pairs the serving generation does not win yet
+(training/rollover.py); `train_pairs` is the plan before that filter.
+
 The night's cost therefore depends on the budget, not on how long the user has been chatting. Each pick
 gives up to `max_rejected` pairs (prompt exactly as the model saw it, chosen, one rejected sibling), so
 a pick among many candidates does not repeat its chosen reply many times; pairs whose two sides are the

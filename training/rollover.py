@@ -4,6 +4,10 @@
     python -m training.rollover --force         # ignore the minimum of new picks
     python -m training.rollover --lineage discord:1234
 
+A warm night (one that continues the serving generation) first scores tonight's pairs with it and
+trains only those it does not win yet; with fewer than one optimizer step of them, the night is
+skipped and its picks wait for the next one.
+
 A generation is an immutable folder `<data_dir>/generations/<lineage>/gen-0007/` holding the LoRA
 adapter and `metadata.json` (data range, settings, metrics, parent), plus a row in SQLite. Numbers
 only grow. The folder is written under a temporary name and renamed into place, so a crash never
@@ -146,13 +150,19 @@ def _roll(store: Store, settings: Settings, backend: ModelBackend, lineage: str,
     if not data.train_pairs or not data.heldout_pairs:
         return Outcome(lineage, "skipped", f"{data.new_picks} new picks are too few for a training and a held-out "
                                            "part")
+    train_pairs, known = data.train_pairs, {}
+    if start is not None:  # a warm night learns only what the serving generation does not know yet
+        train_pairs, known = _unknown_pairs(backend, data, adapter_name(start), Path(start["path"]))
+        if len(train_pairs) < cfg.batch_size * cfg.grad_accum:
+            return Outcome(lineage, "skipped", f"nothing new to learn: the serving generation already prefers the "
+                                               f"picked reply in {sum(known.values())} of {len(known)} pairs")
     folder = lineage_dir(settings, lineage)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".partial-*"):  # left by a crash: never visible, safe to remove
         shutil.rmtree(stale, ignore_errors=True)
     partial = folder / f".partial-gen-{number:04d}-{os.getpid()}"
 
-    result = train_adapter(backend, data.train_pairs, data.thumbs, cfg, partial,
+    result = train_adapter(backend, train_pairs, data.thumbs, cfg, partial,
                            max_reply_tokens=settings.sampling.max_new_tokens,
                            start_from=Path(start["path"]) if start else None)
     backend.load_adapter("candidate", partial)
@@ -164,13 +174,15 @@ def _roll(store: Store, settings: Settings, backend: ModelBackend, lineage: str,
                                   settings.sampling, data.train_pairs)
     if start is not None:  # every new pick, tested once by the generation that had not learned it
         heldout_wins = report.metrics["accuracy_current"] * len(data.heldout_pairs)  # scored by the gate
-        tested = len(data.new_train_pairs) + len(data.heldout_pairs)
-        wins = sum(pair_wins(backend, data.new_train_pairs, current_name)) + heldout_wins
-        report.metrics["serving_accuracy_on_new"] = wins / tested
-        report.metrics["serving_tested_pairs"] = tested
+        new_wins = [known[id(p)] for p in data.new_train_pairs]
+        report.metrics["serving_accuracy_on_new"] = (sum(new_wins) + heldout_wins) / (len(new_wins) +
+                                                                                      len(data.heldout_pairs))
+        report.metrics["serving_tested_pairs"] = len(new_wins) + len(data.heldout_pairs)
+        report.metrics["known_pairs"] = sum(known.values())
     backend.model = backend.model.unload()  # back to the plain base for the next lineage
 
     metrics = {**result.metrics, **report.metrics, "train_pairs": result.pairs, "thumbs": result.thumbs,
+               "planned_pairs": len(data.train_pairs),
                "picks": data.picks, "new_picks": data.new_picks, "replay_pairs": data.replay_pairs}
     metadata = {
         "lineage": lineage, "number": number, "parent": current["number"] if current else None,
@@ -192,6 +204,17 @@ def _roll(store: Store, settings: Settings, backend: ModelBackend, lineage: str,
             store.set_flag(RETRAIN_FROM_BASE + lineage, None)
     _prune(store, settings, lineage)
     return Outcome(lineage, status, "; ".join(report.reasons), number, metrics)
+
+
+def _unknown_pairs(backend: ModelBackend, data, name: str, path: Path) -> tuple[list[dict], dict[int, bool]]:
+    """Tonight's training pairs the serving generation does not win yet, and for every pair (by id) whether
+    it does. Pushing pairs it already wins would only move it further the same way (a learned fact
+    creeping into every reply); a lesson it has forgotten comes back through the replay sample."""
+    backend.load_adapter(name, path)
+    wins = pair_wins(backend, data.train_pairs, name)
+    backend.model = backend.model.unload()  # training starts from the plain base
+    return [p for p, won in zip(data.train_pairs, wins) if not won], \
+        {id(p): won for p, won in zip(data.train_pairs, wins)}
 
 
 def _heldout_of(generation: dict | None) -> list[int]:

@@ -8,6 +8,11 @@ stays the base model (adapters disabled), so every night is measured against one
 no drift compounds. The first night, or a change of LoRA shape, starts from a fresh adapter.
 Variety is protected by a bounded number of passes, a moderate beta, a small SFT term instead of
 cloning the chosen replies, and by the gate afterwards.
+
+A night also stops as soon as the pairs it trains on are won by `training.stop_margin` (the mean DPO
+reward margin of its last steps): what is already learned is not pushed further. That matters most on
+warm nights: a generation that already knows tonight's lesson would otherwise keep raising it for
+every pass (the SFT term never saturates) until it leaks into every reply.
 """
 
 from __future__ import annotations
@@ -52,6 +57,27 @@ class ProgressLog(TrainerCallback):
         shown = ", ".join(f"{k}={logs[k]:.4g}" for k in keys if isinstance(logs.get(k), (int, float)))
         if shown:
             logger.info("step %d/%d %s", state.global_step, state.max_steps, shown)
+
+
+class StopWhenWon(TrainerCallback):
+    """Ends DPO once the mean reward margin over the last `window` steps reaches `margin` (and at least
+    `window` steps have run): the pairs are learned, and more steps would only move the model further."""
+
+    def __init__(self, margin: float, window: int):
+        self.margin, self.window, self.margins = margin, window, []
+        self.stopped_at: int | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not isinstance(logs.get("rewards/margins"), (int, float)):
+            return
+        self.margins.append(logs["rewards/margins"])
+        recent = self.margins[-self.window:]
+        if len(recent) == self.window and sum(recent) / self.window >= self.margin and \
+                state.global_step < state.max_steps:
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+            logger.info("pairs won by a mean margin of %.2f over %d steps: stopping at step %d/%d",
+                        sum(recent) / self.window, self.window, state.global_step, state.max_steps)
 
 
 def _rows(pairs: list[dict], backend: ModelBackend, cfg: TrainingSettings, max_reply_tokens: int) -> list[dict]:
@@ -153,11 +179,15 @@ def train_adapter(backend: ModelBackend, train_pairs: list[dict], thumbs: list[d
                   max_length=cfg.max_length)
     losses = ["sigmoid", "sft"] if cfg.sft_weight > 0 else ["sigmoid"]
     weights = [1.0, cfg.sft_weight] if cfg.sft_weight > 0 else [1.0]
+    callbacks: list[TrainerCallback] = [ProgressLog()]
+    if cfg.stop_margin is not None:  # a window of about 32 pairs
+        stop = StopWhenWon(cfg.stop_margin, max(2, -(-32 // (cfg.batch_size * cfg.grad_accum))))
+        callbacks.append(stop)
     reference_started = time.perf_counter()
     with completion_tokens_only():  # the reference pass (precompute_ref) runs while the trainer is built
         trainer = DPOTrainer(
             model=backend.model, processing_class=backend.tokenizer, train_dataset=Dataset.from_list(rows),
-            peft_config=lora_config(cfg), callbacks=[ProgressLog()],
+            peft_config=lora_config(cfg), callbacks=callbacks,
             data_collator=(rejected_end_unjudged(backend.tokenizer, cfg, not backend.use_chat_template)
                            if cfg.rejected_end_unjudged else None),
             args=DPOConfig(beta=cfg.beta, loss_type=losses, loss_weights=weights, learning_rate=cfg.learning_rate,
@@ -167,7 +197,7 @@ def train_adapter(backend: ModelBackend, train_pairs: list[dict], thumbs: list[d
         metrics: dict = {"warm_start": start_from is not None and _continue(trainer.model, start_from)}
         output = trainer.train()
     model = trainer.model
-    metrics.update(dpo_loss=output.training_loss, dpo_steps=output.global_step)
+    metrics.update(dpo_loss=output.training_loss, dpo_steps=output.global_step, dpo_max_steps=trainer.state.max_steps)
     if cfg.precompute_ref:
         metrics["reference_seconds"] = round(reference_seconds, 1)
     history = [h for h in trainer.state.log_history if "rewards/margins" in h]
