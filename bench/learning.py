@@ -46,8 +46,10 @@ def run_trait(key: str, new_picks: list[int], samples: int) -> None:
             minutes = (time.perf_counter() - started) / 60
             m = outcome.metrics or {}
             print(f"  night {night:2}: {minutes:4.1f} min (training {m.get('train_seconds', 0) / 60:.1f}), "
-                  f"history {m.get('picks', 0)} picks, trained {m.get('train_pairs', 0)} pairs "
-                  f"({m.get('replay_pairs', 0)} replayed), {m.get('pairs_per_minute', 0):.0f} pairs/min")
+                  f"history {m.get('picks', 0)} picks, trained {m.get('train_pairs', 0)} of "
+                  f"{m.get('planned_pairs', 0)} planned pairs ({m.get('replay_pairs', 0)} replayed), "
+                  f"{m.get('dpo_steps', 0)}/{m.get('dpo_max_steps', 0)} steps, "
+                  f"{m.get('pairs_per_minute', 0):.0f} pairs/min")
             print("           " + outcome.line().partition(": ")[2].replace("\n", "\n           "))
             if night in (1, nights):
                 serving = store.serving(user)

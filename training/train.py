@@ -65,7 +65,6 @@ class StopWhenWon(TrainerCallback):
 
     def __init__(self, margin: float, window: int):
         self.margin, self.window, self.margins = margin, window, []
-        self.stopped_at: int | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not isinstance(logs.get("rewards/margins"), (int, float)):
@@ -75,7 +74,6 @@ class StopWhenWon(TrainerCallback):
         if len(recent) == self.window and sum(recent) / self.window >= self.margin and \
                 state.global_step < state.max_steps:
             control.should_training_stop = True
-            self.stopped_at = state.global_step
             logger.info("pairs won by a mean margin of %.2f over %d steps: stopping at step %d/%d",
                         sum(recent) / self.window, self.window, state.global_step, state.max_steps)
 
@@ -181,8 +179,7 @@ def train_adapter(backend: ModelBackend, train_pairs: list[dict], thumbs: list[d
     weights = [1.0, cfg.sft_weight] if cfg.sft_weight > 0 else [1.0]
     callbacks: list[TrainerCallback] = [ProgressLog()]
     if cfg.stop_margin is not None:  # a window of about 32 pairs
-        stop = StopWhenWon(cfg.stop_margin, max(2, -(-32 // (cfg.batch_size * cfg.grad_accum))))
-        callbacks.append(stop)
+        callbacks.append(StopWhenWon(cfg.stop_margin, max(2, -(-32 // (cfg.batch_size * cfg.grad_accum)))))
     reference_started = time.perf_counter()
     with completion_tokens_only():  # the reference pass (precompute_ref) runs while the trainer is built
         trainer = DPOTrainer(
