@@ -82,6 +82,9 @@ class TrainingSettings(_Section):
     beta: float = Field(0.1, gt=0, description="DPO KL strength: higher stays closer to the base")
     sft_weight: float = Field(0.3, ge=0, le=1, description="NLL term on the chosen replies, beside DPO: keeps "
                               "replies ending where the user's did (0.05 let a taught style run on)")
+    overdone_pairs: bool = Field(True, description="where a chosen reply is a rejected one plus a piece (a style "
+                                 "ending), also train it over the reply with the piece twice (measured: without, "
+                                 "a taught style looped in 10% of replies)")
     rejected_end_unjudged: bool = Field(False, description="leave a rejected reply's end of turn (line break, "
                                         "end-of-text) out of the DPO loss (measured: replies were not shorter)")
     learning_rate: float = Field(5e-5, gt=0)
@@ -108,7 +111,8 @@ class GateSettings(_Section):
     max_self_bleu_ratio: float = Field(1.1, ge=0, description="self-BLEU of samples relative to the base")
     max_repetition_rate: float = Field(0.05, ge=0, le=1, description="share of samples with a repetition loop")
     length_band: tuple[float, float] = Field((0.7, 1.4), description="mean reply length relative to the base")
-    max_kl_per_token: float = Field(0.5, gt=0, description="Monte-Carlo KL from the base, nats per token")
+    max_kl_per_token: float = Field(0.5, gt=0, description="Monte-Carlo KL from the base, nats per token, over "
+                                    "the tokens outside what was taught (a new style word costs ~12 nats a use)")
     confidence: float = Field(0.9, gt=0.5, lt=1, description="bootstrap interval for held-out accuracy: the gain "
                               "over the base must be above zero across it, and its top must reach min_accuracy")
     max_obsession: float = Field(0.3, ge=0, le=1, description="share of replies to unrelated contexts that may "

@@ -212,7 +212,6 @@ class ModelBackend:
         """(sum of token log-probs, token count) of each completion after `prompt`."""
         return self.score_completions([(prompt, completion) for completion in completions], adapter)
 
-    @torch.inference_mode()
     def score_completions(self, items: list[tuple[str, str]], adapter: str | None = None, batch_size: int = 16
                           ) -> list[tuple[float, int]]:
         """(sum of the completion's token log-probs, its token count) for each (prompt, completion), in order.
@@ -223,6 +222,14 @@ class ModelBackend:
         first; the decoder runs on every token, the LM head (most of a small model's cost with a large
         vocabulary) only where a completion token is predicted.
         """
+        return [(sum(logprobs), len(logprobs)) if ids else (0.0, 0)
+                for ids, logprobs in self.token_logprobs(items, adapter, batch_size)]
+
+    @torch.inference_mode()
+    def token_logprobs(self, items: list[tuple[str, str]], adapter: str | None = None, batch_size: int = 16
+                       ) -> list[tuple[list[int], list[float]]]:
+        """(the completion's token ids, the log-prob of each) for each (prompt, completion), in order
+        (see `score_completions`, which sums them)."""
         add_special = not self.use_chat_template
         prompt_ids: dict[str, list[int]] = {}
         rows: list[tuple[list[int], int]] = []  # (token ids of prompt + completion, first completion index)
@@ -231,21 +238,23 @@ class ModelBackend:
                 prompt_ids[prompt] = self.tokenizer(prompt, add_special_tokens=add_special).input_ids
             ids = self.tokenizer(prompt + completion, add_special_tokens=add_special).input_ids
             rows.append((ids, _completion_start(prompt_ids[prompt], ids)))
-        results: list[tuple[float, int]] = [(0.0, 0)] * len(items)
+        results: list[tuple[list[int], list[float]]] = [([], [])] * len(items)
         todo = sorted((i for i, (ids, start) in enumerate(rows) if start < len(ids)),
                       key=lambda i: len(rows[i][0]), reverse=True)
         with self.lock, self._use_adapter(adapter):
             split = self._split_model()
             for first in range(0, len(todo), max(batch_size, 1)):
                 batch = todo[first:first + max(batch_size, 1)]
-                sums = self._score_batch([rows[i] for i in batch], split)
-                for i, total in zip(batch, sums.tolist()):
+                logprobs = self._score_batch([rows[i] for i in batch], split).tolist()
+                for i in batch:
                     ids, start = rows[i]
-                    results[i] = (total, len(ids) - start)
+                    results[i] = (ids[start:], logprobs[:len(ids) - start])
+                    logprobs = logprobs[len(ids) - start:]
         return results
 
     def _score_batch(self, rows: list[tuple[list[int], int]], split: tuple | None) -> torch.Tensor:
-        """Summed completion log-probs of these rows, in one right-padded forward. Call under the lock."""
+        """The completion tokens' log-probs of these rows, row after row, in one right-padded forward.
+        Call under the lock."""
         device = self.model.device
         # the last token predicts nothing that is scored: the inputs stop one short of it
         width = max(len(ids) for ids, _ in rows) - 1
@@ -263,13 +272,12 @@ class ModelBackend:
             decoder, logits_of = split
             hidden = decoder(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
             hidden = hidden[row_of, position]
-            logprobs = torch.cat([_token_logprobs(logits_of(hidden[i:i + HEAD_CHUNK]), target[i:i + HEAD_CHUNK])
-                                  for i in range(0, len(target), HEAD_CHUNK)])
-        else:  # the whole model, logits kept only at the positions some row scores
-            keep = torch.unique(position)
-            logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
-            logprobs = _token_logprobs(logits[row_of, torch.searchsorted(keep, position)], target)
-        return torch.zeros(len(rows), dtype=logprobs.dtype, device=device).index_add_(0, row_of, logprobs).cpu()
+            return torch.cat([_token_logprobs(logits_of(hidden[i:i + HEAD_CHUNK]), target[i:i + HEAD_CHUNK])
+                              for i in range(0, len(target), HEAD_CHUNK)]).float().cpu()
+        # the whole model, logits kept only at the positions some row scores
+        keep = torch.unique(position)
+        logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+        return _token_logprobs(logits[row_of, torch.searchsorted(keep, position)], target).float().cpu()
 
     def _inner_model(self):
         """The transformers model inside the peft wrapper, if any. peft injects LoRA layers into its

@@ -176,3 +176,39 @@ def test_prompts_past_the_sliding_window_score_and_sample_the_same(tiny_backend)
     results = tiny_backend.sample_many(LONG, 2, greedy, stop=[])
     assert [r[0] for r in results] == [tiny_backend.sample(p, 1, greedy, stop=[])[0] for p in LONG]
     assert all(r[0] == r[1] for r in results)
+
+
+def test_per_token_log_probs_are_the_summed_scores_token_by_token(tiny_backend, tiny_model_dir, tmp_path):
+    tiny_backend.load_adapter("gen-1", make_lora(tiny_model_dir, tmp_path / "a"))
+    tokens = tiny_backend.token_logprobs(ITEMS, "gen-1", batch_size=3)
+    expected = [reference(tiny_backend, p, c, "gen-1") for p, c in ITEMS]
+    assert [len(ids) for ids, _ in tokens] == [n for _, n in expected]
+    assert_matches([(sum(lps), len(lps)) for _, lps in tokens], expected)
+    for (prompt, completion), (ids, _) in zip(ITEMS, tokens):
+        if ids:  # the completion's own tokens (a join across the boundary can take the prompt's last piece)
+            assert tiny_backend.tokenizer.decode(ids).strip().endswith(completion.strip())
+
+
+def test_the_gate_kl_is_told_apart_for_the_taught_piece(tiny_backend, tiny_model_dir, tmp_path):
+    from training.gate import kl_per_token
+
+    tiny_backend.load_adapter("gen-1", make_lora(tiny_model_dir, tmp_path / "a"))
+    prompts = ["나: 안녕\n하루:", "주말에 뭐 해?"]
+    samples = [[" 강아지 산책 가자!", " 배고파"], [" 오늘 강아지 어땠어?"]]
+    items = [(p, t + "\n") for p, texts in zip(prompts, samples) for t in texts]
+    new, old = tiny_backend.token_logprobs(items, "gen-1"), tiny_backend.token_logprobs(items, None)
+    diffs = [[a - b for a, b in zip(n, o)] for (_, n), (_, o) in zip(new, old)]
+    taught = []  # per item, the indexes of the run of tokens that spells the piece
+    for ids, _ in new:
+        runs = [range(i, j) for i in range(len(ids)) for j in range(i + 1, len(ids) + 1)
+                if tiny_backend.tokenizer.decode(ids[i:j]).strip() == "강아지"]
+        taught.append(set(min(runs, key=len)) if runs else set())
+    assert [bool(t) for t in taught] == [True, False, True]
+    every = sum(map(sum, diffs)) / sum(map(len, diffs))
+    outside = [d for row, skip in zip(diffs, taught) for i, d in enumerate(row) if i not in skip]
+
+    assert kl_per_token(tiny_backend, prompts, samples, "gen-1") == pytest.approx((every, every), abs=1e-5)
+    got_every, got_outside = kl_per_token(tiny_backend, prompts, samples, "gen-1", ["강아지"])
+    assert got_every == pytest.approx(every, abs=1e-5)
+    assert got_outside == pytest.approx(sum(outside) / len(outside), abs=1e-5)
+    assert got_outside != pytest.approx(every, abs=1e-4)

@@ -3,7 +3,7 @@
 from bot.engine import UserRef
 from tests.test_rollover import LENIENT, configure, make_picks
 from bot.config import TrainingSettings
-from training.dataset import pick_pairs, plan_night, trim_prompt
+from training.dataset import overdone_pairs, pick_pairs, plan_night, trim_prompt
 from training.rollover import run_rollover
 
 ALICE = UserRef("test", "alice")
@@ -25,6 +25,20 @@ def test_pairs_cap_rejected_siblings_and_drop_identical_ones():
     record = {"prompt": "p", "chosen": "a", "rejected": ["b", " a ", "c", "d"], "context": [], "set_id": "s",
               "pick_id": 1}
     assert [(p["chosen"], p["rejected"]) for p in pick_pairs([record], 2)] == [("a", "b"), ("a", "c")]
+
+
+def test_a_reply_with_an_added_piece_is_also_preferred_over_the_piece_twice():
+    def rejected_of(chosen, rejected):
+        return [p["rejected"] for p in overdone_pairs([{"chosen": chosen, "rejected": rejected, "pick_id": 1}])]
+
+    assert rejected_of("걷자냥!", "걷자!") == ["걷자냥냥!"]
+    assert rejected_of("좋다냥! 가자냥!", "좋다! 가자!") == ["좋다냥냥! 가자냥냥!"]  # every place it was added
+    assert rejected_of("안녕 몽실아!", "안녕!") == ["안녕 몽실아 몽실아!"]
+    assert rejected_of("몽실이 귀여워", "고양이 귀여워") == []       # a piece replaced, not added
+    assert rejected_of("떡볶이 어때?", "나도 졸려") == []            # different sentences: nothing to double
+    assert rejected_of("좋다냥! 가자멍!", "좋다! 가자!") == []       # two different pieces
+    [pair] = overdone_pairs([{"chosen": "걷자냥!", "rejected": "걷자!", "pick_id": 7, "prompt": "p"}])
+    assert pair["overdone"] and pair["pick_id"] == 7 and pair["prompt"] == "p" and pair["chosen"] == "걷자냥!"
 
 
 def night_settings(**changes) -> TrainingSettings:

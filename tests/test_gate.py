@@ -1,7 +1,7 @@
 """The gate's statistics: bootstrap intervals over picks, what was taught, and the decision."""
 
 from bot.config import GateSettings
-from training.gate import bootstrap, decide, taught_markers, verdict
+from training.gate import bootstrap, decide, length_ratio_interval, taught_markers, verdict
 
 GATE = GateSettings()
 
@@ -53,3 +53,29 @@ def test_an_obsessed_generation_is_refused_and_the_verdict_names_it():
     line = verdict("rejected", m)
     assert line.startswith("rejected: accuracy 0.80 [0.70-0.90] vs base 0.40 on 40 held-out pairs")
     assert "off-topic 몽실 60% (base 0%)" in line
+
+
+def test_the_kl_limit_judges_what_moved_besides_the_taught_piece():
+    m = figures(taught=["냥"], kl_all_per_token=1.1, kl_per_token=0.7)
+    [reason] = decide(m, GATE)
+    assert reason == "KL from the base outside 냥 0.700 nats/token is over 0.5"
+    assert decide({**m, "kl_per_token": 0.4}, GATE) == []  # 냥 itself (12 nats a use) is the lesson
+    assert decide(figures(kl_per_token=0.7), GATE) == ["KL from the base 0.700 nats/token is over 0.5"]
+
+
+def test_reply_length_is_judged_by_an_interval_over_contexts():
+    base = [[8, 9, 10, 7, 9, 11]] * 12
+    # one draw where two contexts rambled to the token limit: 1.5x in the mean, but not in most contexts
+    rambling = [[9, 10, 11, 8, 9, 12]] * 10 + [[48, 48, 47, 48, 46, 48]] * 2
+    low, high = length_ratio_interval(base, rambling, 0.9)
+    assert low < 1.4 < 1.5 < high
+    assert decide(figures(length=15.0, length_low=low, length_high=high), GATE) == []
+    # every context runs on: the interval is wholly outside the band, refused with it
+    running = [[20, 22, 19, 21, 18, 24]] * 12
+    low, high = length_ratio_interval(base, running, 0.9)
+    assert 1.4 < low <= high
+    [reason] = decide(figures(length=21.0, length_low=low, length_high=high), GATE)
+    assert reason.startswith("reply length is 2.10x the base's (90% interval") and "outside [0.7, 1.4]" in reason
+    assert length_ratio_interval(base, base, 0.9) == (1.0, 1.0)
+    line = verdict("promoted", figures(length=15.0, length_low=1.1, length_high=2.0))
+    assert "length 1.50x [1.10-2.00]" in line

@@ -1,7 +1,7 @@
 """Proof that it learns, on the real embedded model: one night of the real rollover, judged by the default
 gate, teaches a scripted user's trait that no prompt contains (training/scenarios.py), without losing variety.
 
-About ten CPU minutes. Fuller runs with more figures, the speech style too: python bench/learning.py
+About ten CPU minutes each. Fuller runs with more figures, the speech style too: python bench/learning.py
 """
 
 import pytest
@@ -44,3 +44,13 @@ def test_one_night_learns_a_fact_the_persona_does_not_mention(tmp_path):
     assert new["trait_unrelated"] <= 0.25, new                        # not dropped into unrelated chat
     assert new["distinct2"] >= 0.9 * base["distinct2"] and new["loops"] <= max(0.05, base["loops"]), (base, new)
     assert m["obsession"] <= 0.25 and m["taught"] == ["몽실"], m
+
+
+@pytest.mark.timeout(3600)
+def test_one_night_learns_a_speech_style_without_running_on(tmp_path):
+    base, m, new = one_night(tmp_path, "style")
+    assert m["accuracy_base"] < 0.5 and m["accuracy"] >= 0.8, m       # 냥 preferred on held-out picks
+    assert base["accuracy"] < 0.5 and new["accuracy"] >= 0.8, new     # and on new sentences never stored
+    assert new["trait_related"] >= 0.15, new                          # used in open replies, not only scored
+    assert new["distinct2"] >= 0.9 * base["distinct2"] and new["loops"] <= max(0.05, base["loops"]), (base, new)
+    assert m["taught"] == ["냥"] and m["overdone_pairs"] > 0 and m["kl_per_token"] <= 0.5, m

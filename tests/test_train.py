@@ -77,3 +77,15 @@ def test_a_night_stops_once_its_pairs_are_won_and_a_warm_start_that_knows_them_s
     fresh = train_adapter(tiny_backend, pairs, [], cfg.model_copy(update={"stop_margin": learned / 2}),
                           tmp_path / "fresh")
     assert fresh.metrics["dpo_steps"] > 2
+
+
+def test_a_taught_style_is_also_trained_against_the_style_overdone(settings, tiny_backend, tmp_path):
+    style = scenarios.unseen_pairs(settings, tiny_backend.count_tokens, scenarios.SCENARIOS["style"])
+    fact = scenarios.unseen_pairs(settings, tiny_backend.count_tokens, scenarios.SCENARIOS["fact"])[:4]
+    cfg = TrainingSettings(epochs=1, batch_size=4, grad_accum=1, stop_margin=None)
+    night = train_adapter(tiny_backend, style + fact, [], cfg, tmp_path / "on")
+    # one more pair per styled pick (걷자냥! over 걷자냥냥!); a named fact replaces a word: none for it
+    assert night.metrics["overdone_pairs"] == len(style) and night.pairs == 2 * len(style) + len(fact)
+    off = train_adapter(tiny_backend, style + fact, [], cfg.model_copy(update={"overdone_pairs": False}),
+                        tmp_path / "off")
+    assert off.metrics["overdone_pairs"] == 0 and off.pairs == len(style) + len(fact)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 from typing import Callable
 
 from bot.config import TrainingSettings
@@ -62,6 +63,29 @@ def pick_pairs(records: list[dict], max_rejected: int = 2) -> list[dict]:
             pairs.append({"prompt": record["prompt"], "chosen": record["chosen"], "rejected": text,
                           "context": record["context"], "set_id": record["set_id"], "pick_id": record["pick_id"]})
     return pairs
+
+
+def overdone_pairs(pairs: list[dict]) -> list[dict]:
+    """For each pair whose chosen reply is its rejected one with pieces added (걷자! -> 걷자냥!, the same
+    piece each time), a pair of that chosen reply over the same reply with each piece twice (걷자냥냥!).
+
+    Teaching only "the piece is better than no piece" also teaches "more of it is better": measured on a
+    taught speech style, 10% of sampled replies ran into 냥냥냥냥... These pairs teach where it stops.
+    """
+    extra = []
+    for pair in pairs:
+        chosen, rejected = pair["chosen"], pair["rejected"]
+        matcher = SequenceMatcher(None, rejected, chosen, autojunk=False)
+        edits = [op for op in matcher.get_opcodes() if op[0] != "equal"]
+        pieces = {chosen[j1:j2] for _, _, _, j1, j2 in edits}
+        if not edits or any(op[0] != "insert" for op in edits) or len(pieces) != 1 or not next(iter(pieces)).strip():
+            continue
+        doubled, last = [], 0
+        for _, _, _, j1, j2 in edits:
+            doubled.append(chosen[last:j2] + chosen[j1:j2])
+            last = j2
+        extra.append({**pair, "rejected": "".join(doubled) + chosen[last:], "overdone": True})
+    return extra
 
 
 def rotation(pick_id: int, night: int) -> float:

@@ -9,8 +9,10 @@ disabled), the generation being served now (if any) and the candidate.
     distinct-2   unique token bigrams / all bigrams among K samples of one context, averaged
     self-BLEU    mean BLEU-4 of each sample against its K-1 siblings (higher = more alike)
     repetition   share of samples with a loop (a 3-gram three times, or one token four times in a row)
-    length       mean sampled reply length in tokens, relative to the base
-    KL           Monte-Carlo estimate on the candidate's own samples, nats per token, against the base
+    length       mean sampled reply length in tokens, relative to the base, with a bootstrap interval over
+                 contexts (lengths are heavy-tailed); refused when the whole interval is outside the band
+    KL           Monte-Carlo estimate on the candidate's own samples, nats per token, against the base,
+                 over the tokens outside what was taught (the taught piece itself is the lesson)
     obsession    share of replies to unrelated contexts that carry what was taught (see `taught_markers`)
 
 Samples and scores are computed in batches (`ModelBackend.sample_many`, `score_completions`).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
@@ -130,18 +133,72 @@ def sample_stats(backend: ModelBackend, prompts: list[str], adapter: str | None,
         d2.append(distinct_n(ids))
         sb.append(self_bleu(ids))
         loops += sum(has_loop(t) for t in ids)
-        lengths += [len(t) for t in ids]
+        lengths.append([len(t) for t in ids])
         texts.append([s.text for s in samples])
-    count = max(len(lengths), 1)
+    count = max(sum(map(len, lengths)), 1)
     return {"distinct2": _mean(d2), "self_bleu": _mean(sb), "repetition": loops / count,
-            "length": sum(lengths) / count, "samples": texts}
+            "length": sum(map(sum, lengths)) / count, "lengths": lengths, "samples": texts}
 
 
-def kl_per_token(backend: ModelBackend, prompts: list[str], samples: list[list[str]], adapter: str) -> float:
+def length_ratio_interval(base: list[list[int]], new: list[list[int]], level: float, seed: int = 3
+                          ) -> tuple[float, float]:
+    """Central `level` bootstrap interval of the candidate's mean reply length over the base's, resampling
+    the probe contexts (both models' samples of a context together).
+
+    Sampled lengths are heavy-tailed (a few replies run to the token limit), so one draw of 72 samples
+    moves the ratio a lot: the same two models measured 1.10x to 1.28x in four draws, and 1.70x in a fifth.
+    """
+    sums = [(sum(b), len(b), sum(n), len(n)) for b, n in zip(base, new)]
+    if not sums:
+        return 1.0, 1.0
+    rng = random.Random(seed)
+    ratios = []
+    for _ in range(BOOTSTRAP_ROUNDS):
+        drawn = [sums[rng.randrange(len(sums))] for _ in sums]
+        base_mean = sum(d[0] for d in drawn) / max(sum(d[1] for d in drawn), 1)
+        new_mean = sum(d[2] for d in drawn) / max(sum(d[3] for d in drawn), 1)
+        ratios.append(new_mean / max(base_mean, 1e-6))
+    ratios.sort()
+    tail = (1 - level) / 2
+    return ratios[int(tail * (len(ratios) - 1))], ratios[int((1 - tail) * (len(ratios) - 1))]
+
+
+def kl_per_token(backend: ModelBackend, prompts: list[str], samples: list[list[str]], adapter: str,
+                 taught: list[str] = ()) -> tuple[float, float]:
+    """Monte-Carlo KL from the base in nats per token on the candidate's own samples: over every token,
+    and over the tokens outside what was taught (`taught` pieces, where a sample carries them).
+
+    A piece the base never says is expensive on its own (냥 costs the base about 12 nats each time), so a
+    learned style would read as drift by its every use; the tokens around it show whether the rest moved.
+    """
     items = [(prompt, text + "\n") for prompt, texts in zip(prompts, samples) for text in texts]
-    policy = backend.score_completions(items, adapter)
-    base = backend.score_completions(items, None)
-    return sum(p[0] - b[0] for p, b in zip(policy, base)) / max(sum(p[1] for p in policy), 1)
+    policy = backend.token_logprobs(items, adapter)
+    base = backend.token_logprobs(items, None)
+    total = outside = 0.0
+    tokens = outside_tokens = 0
+    for (ids, new), (_, old) in zip(policy, base):
+        skip = _taught_positions(backend.tokenizer, ids, taught)
+        for i, (p, b) in enumerate(zip(new, old)):
+            total += p - b
+            if i not in skip:
+                outside += p - b
+                outside_tokens += 1
+        tokens += len(ids)
+    return total / max(tokens, 1), outside / max(outside_tokens, 1)
+
+
+def _taught_positions(tokenizer, ids: list[int], taught) -> set[int]:
+    """Indexes of the tokens whose text overlaps an occurrence of a taught piece."""
+    text = tokenizer.decode(ids)
+    spans = [(m.start(), m.end()) for piece in taught if piece for m in re.finditer(re.escape(piece), text)]
+    if not spans:
+        return set()
+    positions, end = set(), 0
+    for i in range(len(ids)):
+        start, end = end, len(tokenizer.decode(ids[:i + 1]))
+        if any(s < end and start < e for s, e in spans):
+            positions.add(i)
+    return positions
 
 
 def marker_rate(samples: list[list[str]], markers: list[str]) -> float:
@@ -174,11 +231,13 @@ def evaluate(backend: ModelBackend, heldout: list[dict], candidate: str, current
     new = sample_stats(backend, prompts, candidate, gate, sampling)
     for key in ("distinct2", "self_bleu", "repetition", "length"):
         metrics[f"{key}_base"], metrics[key] = base[key], new[key]
-    metrics["kl_per_token"] = kl_per_token(backend, prompts, new["samples"], candidate)
-    metrics["examples"] = [s[:3] for s in new["samples"][:3]]
-
+    metrics["length_low"], metrics["length_high"] = length_ratio_interval(base["lengths"], new["lengths"],
+                                                                          gate.confidence)
     markers = taught_markers(train_pairs or [])
     metrics["taught"] = markers
+    metrics["kl_all_per_token"], metrics["kl_per_token"] = kl_per_token(backend, prompts, new["samples"],
+                                                                        candidate, markers)
+    metrics["examples"] = [s[:3] for s in new["samples"][:3]]
     unrelated = list(dict.fromkeys(p["prompt"] for p in (train_pairs or []) + heldout
                                    if not any(m in p["chosen"] for m in markers)))[: gate.probe_contexts]
     if markers and unrelated:
@@ -214,10 +273,13 @@ def decide(m: dict, gate: GateSettings) -> list[str]:
         reasons.append(f"{m['repetition']:.0%} of samples loop (base {m['repetition_base']:.0%})")
     low, high = gate.length_band
     ratio = m["length"] / max(m["length_base"], 1e-6)
-    if not low <= ratio <= high:
-        reasons.append(f"reply length is {ratio:.2f}x the base's, outside [{low}, {high}]")
+    ratio_low, ratio_high = m.get("length_low", ratio), m.get("length_high", ratio)
+    if ratio_low > high or ratio_high < low:  # the whole interval outside the band
+        reasons.append(f"reply length is {ratio:.2f}x the base's ({interval} {ratio_low:.2f}-{ratio_high:.2f}), "
+                       f"outside [{low}, {high}]")
     if m["kl_per_token"] > gate.max_kl_per_token:
-        reasons.append(f"KL from the base {m['kl_per_token']:.3f} nats/token is over {gate.max_kl_per_token}")
+        outside = f" outside {', '.join(m['taught'])}" if m.get("taught") else ""
+        reasons.append(f"KL from the base{outside} {m['kl_per_token']:.3f} nats/token is over {gate.max_kl_per_token}")
     if "obsession" in m and m["obsession"] > max(gate.max_obsession, m["obsession_base"]):
         reasons.append(f"{m['obsession']:.0%} of replies to unrelated messages bring up "
                        f"{', '.join(m['taught'])} (at most {gate.max_obsession:.0%})")
@@ -230,7 +292,8 @@ def verdict(status: str, m: dict) -> str:
              f"vs base {m['accuracy_base']:.2f} on {m['heldout_pairs']} held-out pairs",
              f"distinct-2 {m['distinct2'] / max(m['distinct2_base'], 1e-6):.2f}x base",
              f"loops {m['repetition']:.0%} (base {m['repetition_base']:.0%})",
-             f"length {m['length'] / max(m['length_base'], 1e-6):.2f}x"]
+             f"length {m['length'] / max(m['length_base'], 1e-6):.2f}x"
+             + (f" [{m['length_low']:.2f}-{m['length_high']:.2f}]" if "length_low" in m else "")]
     if "serving_accuracy_on_new" in m:
         parts.append(f"the serving generation had {m['serving_accuracy_on_new']:.2f} on tonight's "
                      f"{m['serving_tested_pairs']} new pairs")

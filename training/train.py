@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 
 from bot.config import TrainingSettings
 from bot.model import ModelBackend
-from training.dataset import trim_prompt
+from training.dataset import overdone_pairs, trim_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,8 @@ def train_adapter(backend: ModelBackend, train_pairs: list[dict], thumbs: list[d
     from trl import DPOConfig, DPOTrainer
 
     started = time.perf_counter()
-    rows = _rows(train_pairs, backend, cfg, max_reply_tokens)
+    overdone = overdone_pairs(train_pairs) if cfg.overdone_pairs else []
+    rows = _rows(train_pairs + overdone, backend, cfg, max_reply_tokens)
     if not rows:
         raise ValueError("no training pairs fit the length limit")
     random.Random(cfg.seed).shuffle(rows)
@@ -191,7 +192,8 @@ def train_adapter(backend: ModelBackend, train_pairs: list[dict], thumbs: list[d
                            num_train_epochs=cfg.epochs, precompute_ref_log_probs=cfg.precompute_ref, **common),
         )
         reference_seconds = time.perf_counter() - reference_started
-        metrics: dict = {"warm_start": start_from is not None and _continue(trainer.model, start_from)}
+        metrics: dict = {"warm_start": start_from is not None and _continue(trainer.model, start_from),
+                         "overdone_pairs": len(overdone)}
         output = trainer.train()
     model = trainer.model
     metrics.update(dpo_loss=output.training_loss, dpo_steps=output.global_step, dpo_max_steps=trainer.state.max_steps)
