@@ -7,7 +7,8 @@ adapter before training) on that night's bounded data (training/dataset.py), whi
 stays the base model (adapters disabled), so every night is measured against one fixed anchor and
 no drift compounds. The first night, or a change of LoRA shape, starts from a fresh adapter.
 Variety is protected by a bounded number of passes, a moderate beta, a small SFT term instead of
-cloning the chosen replies, and by the gate afterwards.
+cloning the chosen replies, overdone pairs (a taught piece is also preferred over the piece twice,
+training/dataset.py), and by the gate afterwards.
 
 A night also stops as soon as the pairs it trains on are won by `training.stop_margin` (the mean DPO
 reward margin of its last steps): what is already learned is not pushed further. That matters most on
