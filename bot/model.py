@@ -222,8 +222,8 @@ class ModelBackend:
         first; the decoder runs on every token, the LM head (most of a small model's cost with a large
         vocabulary) only where a completion token is predicted.
         """
-        return [(sum(logprobs), len(logprobs)) if ids else (0.0, 0)
-                for ids, logprobs in self.token_logprobs(items, adapter, batch_size)]
+        scored = self.token_logprobs(items, adapter, batch_size)
+        return [(float(sum(logprobs)), len(logprobs)) for _, logprobs in scored]
 
     @torch.inference_mode()
     def token_logprobs(self, items: list[tuple[str, str]], adapter: str | None = None, batch_size: int = 16
@@ -245,11 +245,11 @@ class ModelBackend:
             split = self._split_model()
             for first in range(0, len(todo), max(batch_size, 1)):
                 batch = todo[first:first + max(batch_size, 1)]
-                logprobs = self._score_batch([rows[i] for i in batch], split).tolist()
+                logprobs, offset = self._score_batch([rows[i] for i in batch], split).tolist(), 0
                 for i in batch:
                     ids, start = rows[i]
-                    results[i] = (ids[start:], logprobs[:len(ids) - start])
-                    logprobs = logprobs[len(ids) - start:]
+                    results[i] = (ids[start:], logprobs[offset:offset + len(ids) - start])
+                    offset += len(ids) - start
         return results
 
     def _score_batch(self, rows: list[tuple[list[int], int]], split: tuple | None) -> torch.Tensor:
@@ -273,11 +273,11 @@ class ModelBackend:
             hidden = decoder(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
             hidden = hidden[row_of, position]
             return torch.cat([_token_logprobs(logits_of(hidden[i:i + HEAD_CHUNK]), target[i:i + HEAD_CHUNK])
-                              for i in range(0, len(target), HEAD_CHUNK)]).float().cpu()
+                              for i in range(0, len(target), HEAD_CHUNK)]).cpu()
         # the whole model, logits kept only at the positions some row scores
         keep = torch.unique(position)
         logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
-        return _token_logprobs(logits[row_of, torch.searchsorted(keep, position)], target).float().cpu()
+        return _token_logprobs(logits[row_of, torch.searchsorted(keep, position)], target).cpu()
 
     def _inner_model(self):
         """The transformers model inside the peft wrapper, if any. peft injects LoRA layers into its
