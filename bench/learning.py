@@ -47,19 +47,17 @@ def run_trait(key: str, new_picks: list[int], samples: int) -> None:
             m = outcome.metrics or {}
             if not m:  # skipped before training: nothing else to show
                 print(f"  night {night:2}: {minutes:4.1f} min, {outcome.status} ({outcome.reason})")
-                continue
-            overdone = m.get("overdone_pairs", 0)
-            print(f"  night {night:2}: {minutes:4.1f} min (training {m.get('train_seconds', 0) / 60:.1f}), "
-                  f"history {m.get('picks', 0)} picks, trained {m.get('train_pairs', 0) - overdone} of "
-                  f"{m.get('planned_pairs', 0)} planned pairs ({m.get('replay_pairs', 0)} replayed, "
-                  f"+{overdone} overdone), "
-                  f"{m.get('dpo_steps', 0)}/{m.get('dpo_max_steps', 0)} steps, "
-                  f"{m.get('pairs_per_minute', 0):.0f} pairs/min")
-            print("           " + outcome.line().partition(": ")[2].replace("\n", "\n           "))
-            if night in (1, nights):
-                serving = store.serving(user)
-                if serving is None:
-                    continue
+            else:
+                overdone = m.get("overdone_pairs", 0)
+                print(f"  night {night:2}: {minutes:4.1f} min (training {m.get('train_seconds', 0) / 60:.1f}), "
+                      f"history {m.get('picks', 0)} picks, trained {m.get('train_pairs', 0) - overdone} of "
+                      f"{m.get('planned_pairs', 0)} planned pairs ({m.get('replay_pairs', 0)} replayed, "
+                      f"+{overdone} overdone), "
+                      f"{m.get('dpo_steps', 0)}/{m.get('dpo_max_steps', 0)} steps, "
+                      f"{m.get('pairs_per_minute', 0):.0f} pairs/min")
+                print("           " + outcome.line().partition(": ")[2].replace("\n", "\n           "))
+            serving = store.serving(user)
+            if night in (1, nights) and serving is not None:  # what the user talks to after that night
                 name = adapter_name(serving)
                 backend.load_adapter(name, serving["path"])
                 rows[f"night {night} (gen-{serving['number']})"] = scenarios.measure(backend, settings, scenario, name)

@@ -45,10 +45,13 @@ class Admin:
     def status_text(self) -> str:
         """`status()` as the few lines the platforms' /status command shows."""
         status = self.status()
+        last = status["last_rollover"] or {}
+        last_text = {None: "-", "running": f"running since {last.get('started_at')}"}.get(
+            last.get("status"), f"{last.get('status')} at {last.get('finished_at') or last.get('started_at')}")
         lines = [f"model: {status['model']} ({status['lineage_mode']})",
                  f"serving: {status['serving'] or 'base'}",
                  f"learning paused: {status['learning_paused']}",
-                 f"last rollover: {(status['last_rollover'] or {}).get('status', '-')}",
+                 f"last rollover: {last_text}",
                  f"picks {status['picks']}, users {status['users']}, generations {status['generations']}",
                  *(f"adapter error {name}: {error}" for name, error in status["adapter_errors"].items())]
         return "\n".join(lines)

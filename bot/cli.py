@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -227,26 +228,53 @@ def cmd_chart(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
-    """An online backup: the database via SQLite's backup API, plus generations and imported personas."""
+    """An online backup: the database via SQLite's backup API, plus generations and imported personas.
+    `--purge-user` deletes one user from every backup in the folder instead; `--keep-days` expires old ones."""
     import shutil
     from datetime import datetime
 
     from bot.store import Store
 
+    folder = args.folder.expanduser()
+    if args.purge_user:
+        for backup in sorted(folder.glob("banryeo-*/banryeo.db")):
+            purge_from_backup(settings, backup.parent, args.purge_user)
+            print(f"{backup.parent}: {args.purge_user} deleted")
+        return 0
     data_dir = settings.storage.data_dir.expanduser()
-    target = args.folder.expanduser() / f"banryeo-{datetime.now():%Y%m%d-%H%M%S}"
+    target = folder / f"banryeo-{datetime.now():%Y%m%d-%H%M%S}"
     partial = target.with_name(target.name + ".partial")
     store = Store(settings.storage.db_path)
     try:
         store.backup(partial / "banryeo.db")
     finally:
         store.close()
-    for folder in ("generations", "personas"):  # generation folders are immutable once renamed into place
-        if (data_dir / folder).exists():
-            shutil.copytree(data_dir / folder, partial / folder, ignore=shutil.ignore_patterns(".partial-*"))
+    for name in ("generations", "personas"):  # generation folders are immutable once renamed into place
+        if (data_dir / name).exists():
+            shutil.copytree(data_dir / name, partial / name, ignore=shutil.ignore_patterns(".partial-*"))
     partial.rename(target)
     print(target)
+    if args.keep_days is not None:
+        cutoff = datetime.now().timestamp() - args.keep_days * 86400
+        for old in folder.glob("banryeo-*"):
+            if old != target and old.is_dir() and old.stat().st_mtime < cutoff:
+                shutil.rmtree(old)
+                print(f"expired {old}")
     return 0
+
+
+def purge_from_backup(settings: Settings, backup: Path, user_id: str) -> None:
+    """Delete one user from a backup folder as /forget would: their rows and their own generations."""
+    from bot.lineage import forget_generations
+    from bot.store import Store
+
+    in_backup = settings.model_copy(update={"storage": settings.storage.model_copy(update={"data_dir": backup})})
+    store = Store(in_backup.storage.db_path)
+    try:
+        store.forget_user(user_id)
+        forget_generations(store, in_backup, user_id)
+    finally:
+        store.close()
 
 
 def cmd_picks(settings: Settings, args: argparse.Namespace) -> int:
@@ -270,7 +298,8 @@ def cmd_picks(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         backend = load_prompt_backend(settings.model)  # the tokenizer alone: prompts are built, not sampled
         summary = import_pick_records(store, settings, records, backend.count_tokens,
-                                      chat_template=backend.chat_prompt if backend.use_chat_template else None)
+                                      chat_template=backend.chat_prompt if backend.use_chat_template else None,
+                                      special_tokens=backend.special_tokens)
     except PickImportError as exc:
         print("\n".join(exc.errors), file=sys.stderr)
         print(f"banryeo: nothing imported from {source}", file=sys.stderr)
@@ -324,6 +353,9 @@ def make_parser() -> argparse.ArgumentParser:
     rollback.set_defaults(func=cmd_rollback)
     backup = sub.add_parser("backup", help="consistent backup of the database, generations and personas")
     backup.add_argument("folder", type=Path, help="where to put banryeo-<date>-<time>/")
+    backup.add_argument("--keep-days", type=int, metavar="N", help="then delete backups older than N days there")
+    backup.add_argument("--purge-user", metavar="USER", help="instead delete a user (e.g. telegram:42) from "
+                        "every backup in the folder, as /forget does")
     backup.set_defaults(func=cmd_backup)
     chart = sub.add_parser("chart", help="PNG chart of a lineage's generations")
     chart.add_argument("lineage")
@@ -348,13 +380,21 @@ def configure_logging(verbose: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    umask = os.umask(0o077)  # every file and folder Banryeo writes (database, backups, adapters) is this user's
+    try:
+        return _run(args)
+    finally:
+        os.umask(umask)
+
+
+def _run(args: argparse.Namespace) -> int:
     from bot.lineage import GenerationError
     from bot.model import ModelError
     from bot.store import StoreError
     from persona import PersonaError
 
-    args = make_parser().parse_args(argv)
-    configure_logging(args.verbose)
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")  # undecodable input bytes become U+FFFD instead of a crash
     if args.command in ("persona",) and args.action in ("show", "import") and not args.target:

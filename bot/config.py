@@ -125,6 +125,8 @@ class ScheduleSettings(_Section):
     nightly_time: str = Field("04:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="local time, HH:MM")
     timezone: str = Field("Asia/Seoul", description="an IANA time zone name")
     enabled: bool = True
+    max_minutes: float = Field(360, gt=0, description="a rollover still running after this long is stopped "
+                               "(its run shows 'timed out' in /status) so later nights are not blocked")
 
     @field_validator("timezone")
     @classmethod

@@ -9,6 +9,11 @@ or just keep talking. /help lists the commands (Korean aliases too: /도움, /�
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import re
+from datetime import datetime
+from pathlib import Path
 from typing import Callable
 
 from bot.engine import CandidateSet, DialogueEngine, EngineError, UserRef
@@ -22,6 +27,8 @@ COMMANDS = {
     "/reset": "reset", "/새로": "reset",
     "/persona": "persona", "/페르소나": "persona",
     "/learning": "learning", "/학습": "learning",
+    "/export": "export", "/내보내기": "export",
+    "/forget": "forget", "/지우기": "forget",
     "/quit": "quit", "/exit": "quit", "/끝": "quit",
 }
 
@@ -82,7 +89,11 @@ class ConsoleChat:
             await self.persona(rest.strip())
         elif command == "learning":
             await self.learning(rest.strip().lower())
-        elif text.isdigit() and len(text) <= 2:  # a short number picks; longer ones are just messages
+        elif command == "export":
+            await self.export()
+        elif command == "forget":
+            await self.forget()
+        elif re.fullmatch(r"[0-9]{1,2}", text):  # a short number picks; longer ones (or ² and ٣) are just messages
             if self.offer is None or self.offer.auto_picked:
                 self.say("nothing_to_pick")
             else:
@@ -98,6 +109,29 @@ class ConsoleChat:
             self.say("learning_on" if enabled else "learning_off")
         else:
             self.say("learning_status_on" if self.engine.learning_enabled(self.user) else "learning_status_off")
+
+    async def export(self) -> None:
+        """Everything stored about the console user, in ./banryeo-export-<time>.json (readable by you only)."""
+        data = json.dumps(await self.engine.export(self.user), ensure_ascii=False, indent=2)
+        path = Path(f"banryeo-export-{datetime.now():%Y%m%d-%H%M%S}.json").resolve()
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as handle:
+            handle.write(data)
+        self.say("export_saved", path=str(path))
+
+    async def forget(self) -> None:
+        """Delete everything about the console user, after a typed confirmation."""
+        self.say("forget_confirm")
+        self.say("forget_type_yes")
+        try:
+            answer = await asyncio.to_thread(self.read, "> ")
+        except (EOFError, KeyboardInterrupt):
+            answer = ""
+        if answer.strip().lower() in ("yes", "y", "네", "응"):
+            await self.engine.forget(self.user)
+            self.offer = None
+            self.say("forget_done")
+        else:
+            self.say("forget_cancelled")
 
     async def pick(self, number: int) -> None:
         card = self.engine.persona_of(self.user)

@@ -38,8 +38,14 @@ MESSAGE_LIMIT = 2000
 PLATFORM = "discord"
 
 
-def user_ref(author: discord.abc.User) -> UserRef:
-    return UserRef(PLATFORM, str(author.id), getattr(author, "global_name", None) or author.name)
+def user_ref(author: discord.abc.User, guild_channel_id: int | None = None) -> UserRef:
+    """The engine's user; in a server channel, with the channel's id so it gets its own conversation."""
+    return UserRef(PLATFORM, str(author.id), getattr(author, "global_name", None) or author.name,
+                   str(guild_channel_id) if guild_channel_id else "")
+
+
+def interaction_user(interaction: discord.Interaction) -> UserRef:
+    return user_ref(interaction.user, interaction.channel_id if interaction.guild_id else None)
 
 
 def fit(text: str, limit: int = MESSAGE_LIMIT) -> str:
@@ -67,7 +73,7 @@ class PickButton(discord.ui.DynamicItem[discord.ui.Button], template=r"banryeo:p
     async def callback(self, interaction: discord.Interaction) -> None:
         bot: CompanionBot = interaction.client  # type: ignore[assignment]
         await interaction.response.defer()
-        await bot.pick(user_ref(interaction.user), self.set_id, self.index, interaction.channel_id,
+        await bot.pick(interaction_user(interaction), self.set_id, self.index, interaction.channel_id,
                        interaction.message.id if interaction.message else None)
 
 
@@ -105,7 +111,9 @@ class CompanionBot(discord.Client):
     user: discord.ClientUser
 
     def __init__(self, engine: DialogueEngine, admin: Admin, settings: Settings, **options):
-        super().__init__(intents=discord.Intents.default(), **options)
+        # model output may contain "@everyone" or "<@id>": the bot's messages never ping anyone
+        super().__init__(intents=discord.Intents.default(), allowed_mentions=discord.AllowedMentions.none(),
+                         **options)
         self.engine = engine
         self.admin = admin
         self.settings = settings
@@ -121,10 +129,10 @@ class CompanionBot(discord.Client):
     async def on_message(self, message: discord.Message) -> None:
         if message.author.bot:
             return  # ourselves (Discord echoes our messages) and other bots
-        if not isinstance(message.channel, discord.DMChannel):  # a server channel
-            if not (self.settings.discord.answer_in_guilds and self.user in message.mentions):
-                return
-        user = user_ref(message.author)
+        in_server = not isinstance(message.channel, discord.DMChannel)
+        if in_server and not (self.settings.discord.answer_in_guilds and self.user in message.mentions):
+            return
+        user = user_ref(message.author, message.channel.id if in_server else None)
         language = self.engine.language_of(user)
         text = message.content.replace(f"<@{self.user.id}>", "").strip()
         if not text and (message.attachments or message.stickers or message.embeds):
@@ -219,7 +227,7 @@ def add_commands(tree: app_commands.CommandTree) -> None:
 
     def engine_of(interaction: discord.Interaction) -> tuple[CompanionBot, UserRef, str]:
         bot: CompanionBot = interaction.client  # type: ignore[assignment]
-        user = user_ref(interaction.user)
+        user = interaction_user(interaction)
         return bot, user, bot.engine.language_of(user)
 
     async def refuse_non_admin(interaction: discord.Interaction) -> bool:
@@ -237,7 +245,11 @@ def add_commands(tree: app_commands.CommandTree) -> None:
     @tree.command(name="reset", description="Start a new conversation / 새 대화")
     async def reset_command(interaction: discord.Interaction) -> None:
         bot, user, language = engine_of(interaction)
-        opening = await bot.engine.reset(user)
+        try:
+            opening = await bot.engine.reset(user)
+        except EngineError as exc:  # too many in a minute
+            await interaction.response.send_message(render(exc.key, language, **exc.params), ephemeral=True)
+            return
         await interaction.response.send_message(fit(f"{render('reset_done', language)}\n{opening.persona}: "
                                                     f"{opening.greeting}"))
 

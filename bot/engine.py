@@ -20,7 +20,6 @@ import asyncio
 import logging
 import math
 import random
-import shutil
 import sqlite3
 import time
 from collections import defaultdict, deque
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bot.config import Settings
-from bot.lineage import RETRAIN_FROM_BASE, adapter_name, lineage_of
+from bot.lineage import adapter_name, forget_generations, lineage_of, served_lineage
 from bot.model import ModelBackend, Sample
 from bot.prompt import Prompt, Turn, build_prompt, clean_reply, shorten
 from bot.serving import AdapterError, AdapterRef, Generator, LocalGenerator
@@ -56,6 +55,7 @@ class UserRef:
     platform: str
     platform_id: str
     display_name: str = ""
+    chat: str = ""  # where they talk: '' their private chat, else a group's or channel's id (its own conversation)
 
     @property
     def id(self) -> str:
@@ -137,7 +137,7 @@ class DialogueEngine:
     def _start_conversation(self, user: UserRef) -> tuple[int, str]:
         card = self.persona_of(user)
         greeting = card.render(random.choice(card.greetings))
-        return self.store.start_conversation(user.id, card.key, greeting), greeting
+        return self.store.start_conversation(user.id, card.key, greeting, user.chat), greeting
 
     # -- the chat -------------------------------------------------------------------------------
 
@@ -146,7 +146,7 @@ class DialogueEngine:
         async with self._user_locks[user.id]:
             self._ensure_user(user)
             card = self.persona_of(user)
-            if self.store.active_conversation(user.id):
+            if self.store.active_conversation(user.id, user.chat):
                 return Opening(None, card.name)
             _, greeting = self._start_conversation(user)
             return Opening(greeting, card.name)
@@ -160,12 +160,12 @@ class DialogueEngine:
         async with self._user_locks[user.id]:
             self._ensure_user(user)
             opening = None
-            conversation = self.store.active_conversation(user.id)
+            conversation = self.store.active_conversation(user.id, user.chat)
             if conversation is None:
                 conversation_id, opening = self._start_conversation(user)
             else:
                 conversation_id = conversation["id"]
-            self.store.close_open_sets(user.id, "skipped")  # a new message answers no earlier offer
+            self.store.close_open_sets(user.id, "skipped", user.chat)  # a new message answers no earlier offer
             turn_id = self.store.add_turn(conversation_id, user.id, "user", text, "typed")
             offer = await self._offer(user, conversation_id, turn_id)
             offer.opening = opening
@@ -180,11 +180,11 @@ class DialogueEngine:
         async with self._user_locks[user.id]:
             if set_id is not None:
                 self.check_open(user, set_id)
-            conversation = self.store.active_conversation(user.id)
+            conversation = self.store.active_conversation(user.id, user.chat)
             turns = self.store.turns(conversation["id"]) if conversation else []
             if not turns or turns[-1]["role"] != "user":
                 raise EngineError("nothing_to_regenerate")
-            self.store.close_open_sets(user.id, "regenerated")
+            self.store.close_open_sets(user.id, "regenerated", user.chat)
             return await self._offer(user, conversation["id"], turns[-1]["id"])
 
     def check_open(self, user: UserRef, set_id: str) -> None:
@@ -235,6 +235,7 @@ class DialogueEngine:
 
     async def reset(self, user: UserRef) -> Opening:
         """End the conversation (it stays stored) and start a new one."""
+        self._rate_limit(user)
         async with self._user_locks[user.id]:
             self._ensure_user(user)
             _, greeting = self._start_conversation(user)
@@ -246,6 +247,7 @@ class DialogueEngine:
             card = self.personas.get(key)
         except PersonaError:
             raise EngineError("persona_unknown", key=key, personas=", ".join(self.personas.keys())) from None
+        self._rate_limit(user)
         async with self._user_locks[user.id]:
             self._ensure_user(user)
             self.store.update_user(user.id, persona=card.key)
@@ -270,28 +272,33 @@ class DialogueEngine:
             return self.store.export_user(user.id)
 
     async def forget(self, user: UserRef) -> None:
-        """Delete the user's conversations, picks and reactions, and their own generations (adapters)."""
+        """Delete the user's conversations, picks and reactions, and their own generations: rows, adapter
+        folders (partial ones too), the served copies in the generator and what the nightly summaries
+        kept. A night training on their picks right now discards its result (training/rollover.py)."""
         async with self._user_locks[user.id]:
             self.store.forget_user(user.id)
-            lineage = lineage_of(user.id, self.settings)
-            if lineage == user.id:
-                for path in self.store.forget_lineage(lineage):
-                    shutil.rmtree(path, ignore_errors=True)
-            else:  # a shared lineage is not theirs alone: its next night starts from the base, without them
-                self.store.set_flag(RETRAIN_FROM_BASE + lineage, str(time.time()))  # when: see rollover
+            forget_generations(self.store, self.settings, user.id)
+            own = served_lineage(user.id)
+            self._broken = {name for name in self._broken if not name.startswith(own + "-gen-")}
+            await self.generator.evict_lineage(own)
 
     # -- internals ------------------------------------------------------------------------------
 
     def _admit(self, user: UserRef) -> None:
         """Backpressure before anything is stored: a per-user rate and a bound on the model's queue."""
+        self._rate_limit(user)
+        if self.generator.pending() >= self.settings.serving.max_queue:
+            self._recent[user.id].pop()  # refused: it does not count against their rate
+            raise EngineError("busy")
+
+    def _rate_limit(self, user: UserRef) -> None:
+        """At most `chat.messages_per_minute` messages, regenerates, resets and persona switches a minute."""
         now = time.monotonic()
         recent = self._recent[user.id]
         while recent and now - recent[0] > 60:
             recent.popleft()
         if len(recent) >= self.settings.chat.messages_per_minute:
             raise EngineError("slow_down", seconds=max(1, math.ceil(60 - (now - recent[0]))))
-        if self.generator.pending() >= self.settings.serving.max_queue:
-            raise EngineError("busy")
         recent.append(now)
 
     def _repeated_pick(self, offer: dict, index: int) -> Picked:
@@ -312,7 +319,8 @@ class DialogueEngine:
                 notices.append(Notice("message_shortened", {"length": len(row["text"]), "limit": limit}))
         prompt = build_prompt(card, history, count_tokens=self.backend.count_tokens,
                               budget=self.settings.chat.max_context_tokens,
-                              chat_template=self.backend.chat_prompt if self.backend.use_chat_template else None)
+                              chat_template=self.backend.chat_prompt if self.backend.use_chat_template else None,
+                              special_tokens=self.backend.special_tokens)
         if prompt.shortened_last and not notices:
             newest = history[-1].text
             notices.append(Notice("message_shortened", {"length": len(newest), "limit": len(newest)}))

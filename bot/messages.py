@@ -18,6 +18,8 @@ MESSAGES: dict[str, dict[str, str]] = {
               "  /새로       새 대화 시작 (/reset)\n"
               "  /페르소나   페르소나 목록 보기, /페르소나 이름 으로 바꾸기 (/persona)\n"
               "  /학습       내 선택으로 배우기 켜기/끄기 (/learning on|off)\n"
+              "  /export     내 데이터 JSON 파일로 저장하기\n"
+              "  /forget     내 데이터 모두 지우기\n"
               "  /도움       이 도움말 (/help)\n"
               "  /끝         끝내기 (/quit)",
         "en": "Reply candidates come with numbers. Pick the one you like and the conversation goes on with it; "
@@ -27,13 +29,15 @@ MESSAGES: dict[str, dict[str, str]] = {
               "  /reset      start a new conversation\n"
               "  /persona    list personas, /persona NAME to switch\n"
               "  /learning   learn from my picks: /learning on|off\n"
+              "  /export     save your data to a JSON file\n"
+              "  /forget     delete all your data\n"
               "  /help       this help\n"
               "  /quit       leave",
     },
     "help_chat": {
         "ko": "말을 걸면 답장 후보가 번호와 함께 나와. 마음에 드는 걸 고르면 그 답장으로 대화가 이어지고, "
               "네가 고른 답장으로 나는 매일 밤 조금씩 배워.\n"
-              "  1️⃣ 2️⃣ 3️⃣   후보 고르기 (번호 버튼이나 반응)\n"
+              "  1️⃣ 2️⃣ 3️⃣   후보 고르기\n"
               "  🔄          후보 다시 뽑기\n"
               "  👍 👎       고른 답장 평가하기\n"
               "  /start      인사하기\n"
@@ -46,7 +50,7 @@ MESSAGES: dict[str, dict[str, str]] = {
               "후보를 고르지 않고 새 메시지를 보내면 그 후보들은 넘어가고 새 메시지에 답해.",
         "en": "Talk to me and I offer numbered reply candidates. Pick the one you like and the conversation goes "
               "on with it; every night I learn a little from your picks.\n"
-              "  1️⃣ 2️⃣ 3️⃣   pick a candidate (number buttons or reactions)\n"
+              "  1️⃣ 2️⃣ 3️⃣   pick a candidate\n"
               "  🔄          new candidates\n"
               "  👍 👎       rate the reply you picked\n"
               "  /start      say hello\n"
@@ -128,8 +132,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "This time I could only come up with {count} different replies.",
     },
     "no_reply": {
-        "ko": "앗, 답장을 만들지 못했어. 다시 한 번 보내 주거나 /다시 를 눌러 줘.",
-        "en": "Oops, I couldn't come up with a reply. Send it again or try /regen.",
+        "ko": "앗, 답장을 만들지 못했어. 한 번만 다시 보내 줘.",
+        "en": "Oops, I couldn't come up with a reply. Please send it again.",
     },
     "pick_out_of_range": {
         "ko": "1부터 {count} 사이의 번호를 골라 줘.",
@@ -160,7 +164,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "Starting a new conversation. The old one is kept.",
     },
     "persona_list": {
-        "ko": "페르소나: {personas} (지금: {current}). /페르소나 이름 으로 바꿀 수 있어.",
+        "ko": "페르소나: {personas} (지금: {current}). /persona 이름 으로 바꿀 수 있어.",
         "en": "Personas: {personas} (now: {current}). Switch with /persona NAME.",
     },
     "persona_changed": {
@@ -172,7 +176,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "en": "There is no persona '{key}'. Available: {personas}",
     },
     "unknown_command": {
-        "ko": "모르는 명령이야: {command}. /도움 으로 명령 목록을 볼 수 있어.",
+        "ko": "모르는 명령이야: {command}. /help 로 명령 목록을 볼 수 있어.",
         "en": "Unknown command: {command}. /help lists the commands.",
     },
     "model_error": {
@@ -214,6 +218,14 @@ MESSAGES: dict[str, dict[str, str]] = {
     "forget_cancelled": {
         "ko": "지우지 않았어. 그대로 있어!",
         "en": "Nothing was deleted.",
+    },
+    "forget_type_yes": {
+        "ko": "지우려면 yes 를 입력해 줘 (다른 입력은 취소).",
+        "en": "Type yes to delete (anything else cancels).",
+    },
+    "export_saved": {
+        "ko": "네 데이터를 {path} 에 JSON 파일로 저장했어.",
+        "en": "Your data is saved as a JSON file: {path}",
     },
     "export_ready": {
         "ko": "네 데이터를 JSON 파일로 담았어.",

@@ -12,6 +12,7 @@ or local folder works through `model.name` (offline: ids must already be in the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from bot.config import EMBEDDED_MODEL, ModelSettings, SamplingSettings  # noqa: E402
 from bot.sampling import generate_kwargs  # noqa: E402
+from bot.prompt import defuse  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +165,13 @@ class ModelBackend:
         return cls(model, tokenizer, name=settings.name, use_chat_template=use_chat, generation=generation,
                    seed=settings.seed)
 
+    @functools.cached_property
+    def special_tokens(self) -> list[str]:
+        """The tokenizer's control tokens as text (`<eos>`, `<start_of_turn>`, ...): typed by a user or
+        written in a card they are defused (bot.prompt.defuse), never read as control tokens."""
+        added = [t.content for t in getattr(self.tokenizer, "added_tokens_decoder", {}).values() if t.special]
+        return sorted(set(self.tokenizer.all_special_tokens) | set(added), key=len, reverse=True)
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
 
@@ -234,6 +243,9 @@ class ModelBackend:
         prompt_ids: dict[str, list[int]] = {}
         rows: list[tuple[list[int], int]] = []  # (token ids of prompt + completion, first completion index)
         for prompt, completion in items:
+            # what users and cards wrote is text, never a control token (a transcript has none of its own)
+            prompt = prompt if self.use_chat_template else defuse(prompt, self.special_tokens)
+            completion = defuse(completion, self.special_tokens)
             if prompt not in prompt_ids:
                 prompt_ids[prompt] = self.tokenizer(prompt, add_special_tokens=add_special).input_ids
             ids = self.tokenizer(prompt + completion, add_special_tokens=add_special).input_ids

@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Collection
 
 from bot.config import ChatSettings, ModelSettings, Settings
 from bot.prompt import Prompt, Turn, build_prompt, one_line, shorten
@@ -311,12 +311,13 @@ def parse_time(value: str) -> str:
 
 
 def live_prompt(card: PersonaCard, turns: list[Turn], settings: Settings, count_tokens: Callable[[str], int],
-                chat_template: Callable[[list[dict[str, str]]], str] | None = None) -> Prompt:
+                chat_template: Callable[[list[dict[str, str]]], str] | None = None,
+                special_tokens: Collection[str] = ()) -> Prompt:
     """The prompt a live message after `turns` gets (bot/engine.py `_offer`): long messages shortened, same budget."""
     limit = settings.chat.max_message_chars
     history = [Turn(turn.role, shorten(turn.text, limit)[0]) for turn in turns]
     return build_prompt(card, history, count_tokens=count_tokens, budget=settings.chat.max_context_tokens,
-                        chat_template=chat_template)
+                        chat_template=chat_template, special_tokens=special_tokens)
 
 
 def load_prompt_backend(model: ModelSettings) -> ModelBackend:
@@ -357,7 +358,8 @@ class _PreparedPick:
 
 def import_pick_records(store: Store, settings: Settings, records: list[dict], count_tokens: Callable[[str], int],
                         model_name: str = "imported", *,
-                        chat_template: Callable[[list[dict[str, str]]], str] | None = None) -> ImportSummary:
+                        chat_template: Callable[[list[dict[str, str]]], str] | None = None,
+                        special_tokens: Collection[str] = ()) -> ImportSummary:
     """Store `records` as picks, all or nothing.
 
     Every record is checked first (PickImportError lists every problem, "line N" being the Nth record, and
@@ -373,7 +375,7 @@ def import_pick_records(store: Store, settings: Settings, records: list[dict], c
         raise PickImportError(["no pick records to import"])
     personas = PersonaLibrary(settings.storage.persona_dir)
     new_user_persona = _default_persona(settings, personas)
-    prepared = [_prepare(record, store, settings, personas, count_tokens, chat_template) for record in records]
+    prepared = [_prepare(record, store, settings, personas, count_tokens, chat_template, special_tokens) for record in records]
     with store.transaction():
         for pick in prepared:
             _store(store, pick, model_name, new_user_persona)
@@ -396,10 +398,11 @@ def _persona_of(record: dict, store: Store, settings: Settings, personas: Person
 
 
 def _prepare(record: dict, store: Store, settings: Settings, personas: PersonaLibrary,
-             count_tokens: Callable[[str], int], chat_template: Callable | None) -> _PreparedPick:
+             count_tokens: Callable[[str], int], chat_template: Callable | None,
+             special_tokens: Collection[str] = ()) -> _PreparedPick:
     persona = _persona_of(record, store, settings, personas)
     turns = [Turn(ROLES[m["role"]], message_text(m["content"])) for m in record["context"]]
-    prompt = live_prompt(personas.get(persona), turns, settings, count_tokens, chat_template)
+    prompt = live_prompt(personas.get(persona), turns, settings, count_tokens, chat_template, special_tokens)
     prompt_text = record.get("prompt", prompt.text)
     chosen = reply_text(record["chosen"])
     texts = [chosen, *(reply_text(r) for r in record["rejected"])]

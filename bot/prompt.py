@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Collection, Literal
 
 from persona import PersonaCard
 
@@ -26,6 +26,7 @@ Role = Literal["user", "char"]
 ELLIPSIS = " … "
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ufffd]")  # control bytes and broken characters
 _TURN_OVERHEAD = 4  # newline / role markers around each turn
+WORD_JOINER = "\u2060"  # invisible; splits a typed control token so the tokenizer reads it as plain text
 
 
 @dataclass(frozen=True)
@@ -54,15 +55,31 @@ def shorten(text: str, limit: int) -> tuple[str, bool]:
     return text[:head].rstrip() + ELLIPSIS + text[len(text) - tail:].lstrip(), True
 
 
+def defuse(text: str, special_tokens: Collection[str]) -> str:
+    """`text` with every model control token it contains (typed `<start_of_turn>`, `<eos>`, ...) broken by
+    an invisible word joiner after its first character: the tokenizer then reads it as ordinary text,
+    so what a user or a card writes can never end a turn, start one, or stop generation."""
+    for token in special_tokens:
+        if len(token) > 1 and token in text:
+            text = text.replace(token, token[0] + WORD_JOINER + token[1:])
+    return text
+
+
 def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
 def build_prompt(card: PersonaCard, history: list[Turn], *, count_tokens: Callable[[str], int], budget: int,
                  chat_template: Callable[[list[dict[str, str]]], str] | None = None,
-                 user_name: str | None = None) -> Prompt:
-    """Fit persona + as much recent history as the token budget allows (the last turn is always kept)."""
-    user = user_name or card.user_name()
+                 user_name: str | None = None, special_tokens: Collection[str] = ()) -> Prompt:
+    """Fit persona + as much recent history as the token budget allows (the last turn is always kept).
+
+    Text from the user and the card is `defuse`d against the tokenizer's `special_tokens` first.
+    """
+    if special_tokens:
+        card = card.defused(lambda text: defuse(text, special_tokens))
+        history = [Turn(t.role, defuse(t.text, special_tokens)) for t in history]
+    user = defuse(user_name or card.user_name(), special_tokens)
     persona_text = _persona_text(card, user)
     examples = [_example_text(card, ex, user) for ex in card.examples]
 
@@ -88,15 +105,21 @@ def build_prompt(card: PersonaCard, history: list[Turn], *, count_tokens: Callab
         messages = [{"role": "system", "content": persona_text}, *_chat_messages(turns)]
         return Prompt("\n".join(lines), ["\n"], messages, prefix=prefix)
 
-    # Count each turn once (linear in the history), then check the real total and trim if needed.
-    turn_cost = [count_tokens(f"{_label(t.role, card, user)}: {one_line(t.text)}") + _TURN_OVERHEAD for t in history]
+    # Count turns newest first and stop at the budget (a 2,000-turn history costs what fits, not all of
+    # it), then check the real total and trim if needed.
+    def turn_cost(i: int) -> int:
+        return count_tokens(f"{_label(history[i].role, card, user)}: {one_line(history[i].text)}") + _TURN_OVERHEAD
+
     with_examples = count_tokens(render(history[-1:], True).text) <= budget
     room = budget - count_tokens(render([], with_examples).text)
     start = len(history) - 1
-    room -= turn_cost[start] if history else 0
-    while start > 0 and turn_cost[start - 1] <= room:
+    room -= turn_cost(start) if history else 0
+    while start > 0:
+        cost = turn_cost(start - 1)
+        if cost > room:
+            break
         start -= 1
-        room -= turn_cost[start]
+        room -= cost
     prompt = render(history[start:], with_examples)
     prompt.tokens = count_tokens(prompt.text)
     while prompt.tokens > budget and start < len(history) - 1:

@@ -19,7 +19,6 @@ import itertools
 import json
 import logging
 import math
-import re
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -33,6 +32,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from bot.config import ModelSettings, SamplingSettings, ServingSettings
+from bot.lineage import parse_adapter_name
 from bot.model import ModelBackend, ModelError, Sample
 from bot.sampling import generate_kwargs
 
@@ -58,6 +58,8 @@ class Generator(Protocol):
     def stats(self) -> dict: ...
 
     def pending(self) -> int: ...     # requests queued or running
+
+    async def evict_lineage(self, lineage: str) -> None: ...  # a user forgot: drop `user-<lineage>` weights
 
     def close(self) -> None: ...
 
@@ -193,6 +195,11 @@ def install_multi_lora(model: nn.Module, slots: int, rank: int) -> tuple[LoraRou
     return router, layers
 
 
+def _lineage_of(name: str) -> str | None:
+    parsed = parse_adapter_name(name)
+    return parsed[0] if parsed else None
+
+
 class AdapterCache:
     """A bounded set of resident adapters in slots, least recently used evicted first.
 
@@ -226,9 +233,9 @@ class AdapterCache:
                 self.free.append(slot)
                 raise
             self.slot_of[ref.name] = slot
-            lineage = _lineage_of_name(ref.name)
+            lineage = _lineage_of(ref.name)
             for other in list(self.slot_of):
-                if other != ref.name and lineage and _lineage_of_name(other) == lineage:
+                if other != ref.name and lineage and _lineage_of(other) == lineage:
                     self.superseded.add(other)
                     self._maybe_free(other)
         self.refs[ref.name] += 1
@@ -245,6 +252,12 @@ class AdapterCache:
         missing = [n for n in names if n not in self.slot_of]
         evictable = sum(1 for n in self.slot_of if self.refs[n] == 0 and n not in names)
         return len(missing) <= len(self.free) + evictable
+
+    def evict_lineage(self, lineage: str) -> None:
+        """Drop every adapter of a served lineage (each as soon as its replies in flight are done)."""
+        for name in [n for n in self.slot_of if _lineage_of(n) == lineage]:
+            self.superseded.add(name)
+            self._maybe_free(name)
 
     def rank_of(self, slots: list[int]) -> int:
         """The highest rank among `slots` (-1, the base model, has none)."""
@@ -287,7 +300,12 @@ class AdapterCache:
 
     def _maybe_free(self, name: str) -> None:
         if name in self.superseded and self.refs[name] == 0 and name in self.slot_of:
-            self.free.append(self._unload(name))
+            slot = self._unload(name)
+            with torch.no_grad():  # a forgotten user's weights do not stay behind in a free slot
+                for layer in self.layers.values():
+                    layer.lora_a[slot].zero_()
+                    layer.lora_b[slot].zero_()
+            self.free.append(slot)
             self.evictions += 1
 
     def _free_slot(self) -> int:
@@ -381,11 +399,6 @@ def left_padded_batch(caches: list, width: int):
     return template
 
 
-def _lineage_of_name(name: str) -> str | None:
-    match = re.fullmatch(r"(.+)-gen-\d+", name)
-    return match.group(1) if match else None
-
-
 # -- the local generator: one model worker, batches across users ----------------------------------
 
 @dataclass
@@ -475,13 +488,22 @@ class LocalGenerator:
     def pending(self) -> int:
         return len(self._queue) + self._running
 
+    async def evict_lineage(self, lineage: str) -> None:
+        """Drop the lineage's adapters (slots, merged copies) and its cached prompt prefixes, on the worker."""
+        def evict() -> None:
+            self.cache.evict_lineage(lineage)
+            for key in [k for k in self._prefixes if k[0] and _lineage_of(k[0]) == lineage]:
+                del self._prefixes[key]
+        await asyncio.wrap_future(self.call(evict))
+
     def stats(self) -> dict:
         return {"batches": self.batches, "rows": self.rows, "adapter_loads": self.cache.loads,
                 "evictions": self.cache.evictions, "resident": list(self.cache.slot_of),
                 "adapter_load_seconds": round(self.cache.load_seconds, 3), "queued": len(self._queue),
                 "merged": list(self.cache.merged), "merges": self.cache.merges,
                 "merge_seconds": round(self.cache.merge_seconds, 3),
-                "prefix_hits": self.prefix_hits, "prefix_misses": self.prefix_misses}
+                "prefix_hits": self.prefix_hits, "prefix_misses": self.prefix_misses,
+                "prefix_adapters": sorted({adapter for adapter, _ in self._prefixes if adapter})}
 
     def close(self) -> None:
         with self._changed:

@@ -18,6 +18,7 @@ Tables (every pick can later be turned into a (context, chosen, rejected) record
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import sqlite_utils
+
+from bot.lineage import adapter_name
 
 MIGRATIONS: list[str] = [
     # 1: the initial schema
@@ -155,13 +158,37 @@ MIGRATIONS: list[str] = [
         value TEXT NOT NULL
     );
     """,
+    # 5: a conversation belongs to a user in one chat ('' their private chat, else a group or channel
+    #    id), so a group never sees DM history; exports find a conversation's candidate sets by index
+    """
+    ALTER TABLE conversations ADD COLUMN chat TEXT NOT NULL DEFAULT '';
+    CREATE INDEX conversations_user_chat ON conversations(user_id, chat, ended_at);
+    CREATE INDEX candidate_sets_conversation ON candidate_sets(conversation_id, created_at);
+    """,
 ]
 
+GENERATION_FLOOR = "generation_floor"
 CLOSED_STATUSES = ("picked", "skipped", "regenerated", "reset")
 
 
 class StoreError(Exception):
     """The database cannot be used (newer schema, unreadable file)."""
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` and any missing parents readable by this user only (0700); folders that already
+    exist keep their mode (a database in /tmp must not change /tmp)."""
+    if not path.exists():
+        private_dir(path.parent)
+        path.mkdir(mode=0o700, exist_ok=True)
+        path.chmod(0o700)
+    return path
+
+
+def private_file(path: Path) -> None:
+    """Create `path` if missing, and make it readable by this user only (0600)."""
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    path.chmod(0o600)
 
 
 def now() -> str:
@@ -178,11 +205,16 @@ class Store:
     def __init__(self, path: Path | str):
         self.path = Path(path)
         if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(self.path.parent)
+            private_file(self.path)  # SQLite gives new -wal and -shm files the database file's mode
+            for side in (self.path.with_name(self.path.name + "-wal"), self.path.with_name(self.path.name + "-shm")):
+                if side.exists():  # left by an earlier version with a looser mode
+                    side.chmod(0o600)
         try:
             conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
             self.db = sqlite_utils.Database(conn)
             self.db.execute("PRAGMA foreign_keys = ON")
+            self.db.execute("PRAGMA secure_delete = ON")  # deleted text is overwritten, not left in free pages
             if str(path) != ":memory:":
                 self.db.enable_wal()
             self._lock = threading.RLock()
@@ -233,18 +265,19 @@ class Store:
         with self.transaction():
             self.db["users"].update(user_id, fields)
 
-    def active_conversation(self, user_id: str) -> dict | None:
-        return self._one("SELECT * FROM conversations WHERE user_id = ? AND ended_at IS NULL ORDER BY id DESC LIMIT 1",
-                         user_id)
+    def active_conversation(self, user_id: str, chat: str = "") -> dict | None:
+        """The user's current conversation in `chat` ('' their private chat, else a group's id)."""
+        return self._one("SELECT * FROM conversations WHERE user_id = ? AND chat = ? AND ended_at IS NULL "
+                         "ORDER BY id DESC LIMIT 1", user_id, chat)
 
-    def start_conversation(self, user_id: str, persona: str, greeting: str) -> int:
-        """End the active conversation (closing its open sets) and start a new one with a greeting turn."""
+    def start_conversation(self, user_id: str, persona: str, greeting: str, chat: str = "") -> int:
+        """End the active conversation in `chat` (closing its open sets) and start a new one with a greeting."""
         with self.transaction():
-            self.close_open_sets(user_id, "reset")
-            self.db.execute("UPDATE conversations SET ended_at = ? WHERE user_id = ? AND ended_at IS NULL",
-                            [now(), user_id])
+            self.close_open_sets(user_id, "reset", chat)
+            self.db.execute("UPDATE conversations SET ended_at = ? WHERE user_id = ? AND chat = ? AND ended_at IS NULL",
+                            [now(), user_id, chat])
             conversation_id = self.db["conversations"].insert(
-                {"user_id": user_id, "persona": persona, "started_at": now(), "ended_at": None}).last_pk
+                {"user_id": user_id, "persona": persona, "started_at": now(), "ended_at": None, "chat": chat}).last_pk
             self.add_turn(conversation_id, user_id, "char", greeting, "greeting")
         return conversation_id
 
@@ -305,16 +338,20 @@ class Store:
             row["candidates"] = list(self.db.query("SELECT * FROM candidates WHERE set_id = ? ORDER BY idx", [set_id]))
         return row
 
-    def open_set(self, user_id: str) -> dict | None:
-        row = self._one("SELECT id FROM candidate_sets WHERE user_id = ? AND status = 'open' "
-                        "ORDER BY created_at DESC LIMIT 1", user_id)
+    def open_set(self, user_id: str, chat: str = "") -> dict | None:
+        row = self._one("SELECT s.id FROM candidate_sets s JOIN conversations c ON c.id = s.conversation_id "
+                        "WHERE s.user_id = ? AND c.chat = ? AND s.status = 'open' ORDER BY s.created_at DESC LIMIT 1",
+                        user_id, chat)
         return self.candidate_set(row["id"]) if row else None
 
-    def close_open_sets(self, user_id: str, status: str) -> int:
+    def close_open_sets(self, user_id: str, status: str, chat: str = "") -> int:
+        """Close the user's open offers in `chat` (another chat's offer stays open there)."""
         assert status in CLOSED_STATUSES
         with self.transaction():
             return self.db.execute("UPDATE candidate_sets SET status = ?, closed_at = ? WHERE user_id = ? "
-                                   "AND status = 'open'", [status, now(), user_id]).rowcount
+                                   "AND status = 'open' AND conversation_id IN "
+                                   "(SELECT id FROM conversations WHERE user_id = ? AND chat = ?)",
+                                   [status, now(), user_id, user_id, chat]).rowcount
 
     def pick_of(self, set_id: str) -> dict | None:
         return self._one("SELECT picks.*, candidates.idx AS idx, candidates.text AS text FROM picks "
@@ -354,7 +391,8 @@ class Store:
 
     def backup(self, target: Path) -> None:
         """A consistent copy of the database while it is in use (SQLite's online backup API)."""
-        target.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(target.parent)
+        private_file(target)
         copy = sqlite3.connect(str(target))
         try:
             with self._lock:
@@ -394,7 +432,7 @@ class Store:
                              "picked": pick["idx"] if pick else None})
             turns = [{"role": t["role"], "text": t["text"], "source": t["source"], "at": t["created_at"]}
                      for t in self.turns(conversation["id"])]
-            conversations.append({"id": conversation["id"], "persona": conversation["persona"],
+            conversations.append({"id": conversation["id"], "persona": conversation["persona"], "chat": conversation["chat"],
                                   "started_at": conversation["started_at"], "ended_at": conversation["ended_at"],
                                   "turns": turns, "candidate_sets": sets})
         reactions = list(self.db.query("SELECT turn_id, value, emoji, created_at FROM reactions WHERE user_id = ?",
@@ -402,7 +440,8 @@ class Store:
         return {"format": "banryeo-export-1", "user": user, "conversations": conversations, "reactions": reactions}
 
     def forget_user(self, user_id: str) -> None:
-        """Delete every row of one user, in one transaction."""
+        """Delete every row of one user, and their lineage's entries in rollover summaries, in one
+        transaction; then truncate the WAL so the deleted text is not left in it."""
         sets = "SELECT id FROM candidate_sets WHERE user_id = ?"
         with self.transaction():
             for sql in (f"DELETE FROM platform_messages WHERE set_id IN ({sets})",
@@ -415,15 +454,68 @@ class Store:
                         "DELETE FROM conversations WHERE user_id = ?",
                         "DELETE FROM users WHERE id = ?"):
                 self.db.execute(sql, [user_id])
+            self._edit_summaries(lambda outcome: None if outcome.get("lineage") == user_id else outcome)
+        self.checkpoint()
 
     def forget_lineage(self, lineage: str) -> list[str]:
-        """Delete a lineage's generation rows and serving pointer; returns their folders to remove."""
-        paths = [g["path"] for g in self.generations(lineage)]
+        """Delete a lineage's generation rows, serving pointer and adapter-error flags; returns their
+        folders to remove. The highest number it reached is kept (without saying whose) in the flag
+        `generation_floor`: a lineage with no generations numbers its first above it, so a served
+        name never stands for two different weights, not even after a forget."""
+        generations = self.generations(lineage)
         with self.transaction():
+            floor = max([int(self.flag(GENERATION_FLOOR) or 0)] + [g["number"] for g in generations])
+            self.set_flag(GENERATION_FLOOR, str(floor))
             self.db.execute("DELETE FROM serving WHERE lineage = ?", [lineage])
             self.db.execute("UPDATE generations SET parent_id = NULL WHERE lineage = ?", [lineage])
             self.db.execute("DELETE FROM generations WHERE lineage = ?", [lineage])
-        return paths
+            for generation in generations:
+                self.db.execute("DELETE FROM flags WHERE name = ?", ["adapter_error:" + adapter_name(generation)])
+        self.checkpoint()
+        return [g["path"] for g in generations]
+
+    def drop_examples(self, lineage: str) -> None:
+        """Remove the sampled example replies kept in a lineage's generation rows and rollover summaries
+        (a shared lineage's samples may continue a forgotten user's conversations)."""
+        with self.transaction():
+            for generation in self.generations(lineage):
+                metrics = {k: v for k, v in generation["metrics"].items() if k != "examples"}
+                self.db.execute("UPDATE generations SET metrics_json = ? WHERE id = ?",
+                                [json.dumps(metrics, sort_keys=True), generation["id"]])
+            self._edit_summaries(lambda outcome: {**outcome, "metrics": {
+                k: v for k, v in (outcome.get("metrics") or {}).items() if k != "examples"}}
+                if outcome.get("lineage") == lineage else outcome)
+        self.checkpoint()
+
+    def _edit_summaries(self, edit) -> None:
+        """Rewrite every rollover run's summary, outcome by outcome (`edit` returns None to drop one)."""
+        for run in list(self.db.query("SELECT id, summary FROM rollover_runs WHERE summary != ''")):
+            try:
+                outcomes = json.loads(run["summary"])
+            except ValueError:
+                outcomes = []
+            kept = [o for o in (edit(o) for o in outcomes if isinstance(o, dict)) if o is not None]
+            if kept != outcomes:
+                self.db.execute("UPDATE rollover_runs SET summary = ? WHERE id = ?",
+                                [json.dumps(kept, ensure_ascii=False, default=str), run["id"]])
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it to zero bytes (deleted rows leave no copy there)."""
+        if str(self.path) != ":memory:":
+            with self._lock:
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def learnable(self, pick_ids: list[int], user_ids: set[str]) -> bool:
+        """Whether every one of these picks still exists and every user still lets learning use their data
+        (false after a forget or `/learning off` that came while a night was training on them)."""
+        if user_ids:
+            row = self._one("SELECT COUNT(*) AS n FROM users WHERE learning_opt_out = 0 AND id IN "
+                            "(SELECT value FROM json_each(?))", json.dumps(sorted(user_ids)))
+            if row["n"] != len(user_ids):
+                return False
+        row = self._one("SELECT COUNT(*) AS n FROM picks WHERE id IN (SELECT value FROM json_each(?))",
+                        json.dumps(sorted(set(pick_ids))))
+        return row["n"] == len(set(pick_ids))
 
     # -- reactions ------------------------------------------------------------------------------
 

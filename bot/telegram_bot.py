@@ -23,12 +23,13 @@ import asyncio
 import io
 import json
 import logging
+import re
 import secrets
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from telegram import (BotCommand, BotCommandScopeChat, InlineKeyboardButton, InlineKeyboardMarkup, InputFile,
+from telegram import (BotCommand, BotCommandScopeChat, Chat, InlineKeyboardButton, InlineKeyboardMarkup, InputFile,
                       Message, Update)
 from telegram import User as TelegramUser
 from telegram.constants import ChatAction, ChatType, MessageLimit
@@ -68,8 +69,10 @@ ADMIN_COMMANDS = {
 }
 
 
-def user_ref(user: TelegramUser) -> UserRef:
-    return UserRef(PLATFORM, str(user.id), user.full_name)
+def user_ref(user: TelegramUser, chat: Chat | None = None) -> UserRef:
+    """The engine's user; in a group, with the group's id so it gets its own conversation (never the DM's)."""
+    in_group = chat is not None and chat.type != ChatType.PRIVATE
+    return UserRef(PLATFORM, str(user.id), user.full_name, str(chat.id) if in_group else "")
 
 
 def fit(text: str, limit: int = MESSAGE_LIMIT) -> str:
@@ -85,15 +88,18 @@ class Button:
     value: str = ""    # candidate index, up/down, yes/no
 
 
+SET_ID = re.compile(r"[0-9a-f]{1,32}")
+
+
 def parse_button(data: str | None) -> Button | None:
     """The button a callback names, or None when the data is not one of ours or malformed."""
     action, _, rest = (data or "").partition(":")
     if action == "regen":
-        return Button("regen", rest) if rest.isalnum() else None
+        return Button("regen", rest) if SET_ID.fullmatch(rest) else None
     target, _, value = rest.rpartition(":")
-    if action == "pick" and target.isalnum() and value.isdigit() and len(value) <= 2:
+    if action == "pick" and SET_ID.fullmatch(target) and re.fullmatch(r"[0-9]{1,2}", value):  # not ² or ٣
         return Button("pick", target, value)
-    if action == "thumb" and target.isalnum() and value in ("up", "down"):
+    if action == "thumb" and SET_ID.fullmatch(target) and value in ("up", "down"):
         return Button("thumb", target, value)
     if action == "forget" and target and value in ("yes", "no"):
         return Button("forget", target, value)
@@ -149,7 +155,7 @@ class TelegramCompanion:
     async def on_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not self.addressed(update, context):
             return
-        user = user_ref(update.effective_user)
+        user = user_ref(update.effective_user, update.effective_chat)
         text = update.effective_message.text.replace(f"@{context.bot.username}", "").strip()
         await self.answer_with_offer(update, context, user, self.engine.on_message(user, text))
 
@@ -182,18 +188,18 @@ class TelegramCompanion:
 
     async def on_non_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if self.addressed(update, context) and update.effective_chat.type == ChatType.PRIVATE:
-            await update.effective_message.reply_text(render("text_only", self.language(user_ref(update.effective_user))))
+            await update.effective_message.reply_text(render("text_only", self.language(user_ref(update.effective_user, update.effective_chat))))
 
     async def on_edited(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if self.addressed(update, context) and update.effective_chat.type == ChatType.PRIVATE:
             await update.effective_message.reply_text(render("edited_ignored",
-                                                             self.language(user_ref(update.effective_user))))
+                                                             self.language(user_ref(update.effective_user, update.effective_chat))))
 
     # buttons
 
     async def on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         query = update.callback_query
-        user = user_ref(query.from_user)
+        user = user_ref(query.from_user, query.message.chat if query.message else None)
         language = self.language(user)
         button = parse_button(query.data)
         if button is None:
@@ -257,32 +263,36 @@ class TelegramCompanion:
     async def cmd_start(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not self.addressed(update, context):
             return
-        user = user_ref(update.effective_user)
+        user = user_ref(update.effective_user, update.effective_chat)
         opening = await self.engine.open(user)
         text = f"{opening.persona}: {opening.greeting}" if opening.greeting else render("help_chat", self.language(user))
         await update.effective_message.reply_text(fit(text))
 
     async def cmd_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if self.addressed(update, context):
-            await update.effective_message.reply_text(render("help_chat", self.language(user_ref(update.effective_user))))
+            await update.effective_message.reply_text(render("help_chat", self.language(user_ref(update.effective_user, update.effective_chat))))
 
     async def cmd_reset(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not self.addressed(update, context):
             return
-        user = user_ref(update.effective_user)
-        opening = await self.engine.reset(user)
+        user = user_ref(update.effective_user, update.effective_chat)
+        try:
+            opening = await self.engine.reset(user)
+        except EngineError as exc:  # too many in a minute
+            await update.effective_message.reply_text(render(exc.key, self.language(user), **exc.params))
+            return
         await reply_with_opening(update, render("reset_done", self.language(user)), opening)
 
     async def cmd_regen(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not self.addressed(update, context):
             return
-        user = user_ref(update.effective_user)
+        user = user_ref(update.effective_user, update.effective_chat)
         await self.answer_with_offer(update, context, user, self.engine.regenerate(user))
 
     async def cmd_persona(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not self.addressed(update, context):
             return
-        user = user_ref(update.effective_user)
+        user = user_ref(update.effective_user, update.effective_chat)
         if not context.args:
             await update.effective_message.reply_text(render(
                 "persona_list", self.language(user), current=self.engine.persona_of(user).key,
@@ -298,7 +308,7 @@ class TelegramCompanion:
     async def cmd_learning(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not self.addressed(update, context):
             return
-        user = user_ref(update.effective_user)
+        user = user_ref(update.effective_user, update.effective_chat)
         choice = (context.args or [""])[0].lower()
         if choice in ("on", "off"):
             await self.engine.set_learning(user, choice == "on")
@@ -310,7 +320,7 @@ class TelegramCompanion:
     async def cmd_export(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not await self.private_only(update, context):
             return
-        user = user_ref(update.effective_user)
+        user = user_ref(update.effective_user, update.effective_chat)
         data = json.dumps(await self.engine.export(user), ensure_ascii=False, indent=2).encode()
         await update.effective_message.reply_document(InputFile(io.BytesIO(data), filename="banryeo-export.json"),
                                                       caption=render("export_ready", self.language(user)))
@@ -318,7 +328,7 @@ class TelegramCompanion:
     async def cmd_forget(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not await self.private_only(update, context):
             return
-        user = user_ref(update.effective_user)
+        user = user_ref(update.effective_user, update.effective_chat)
         keyboard = InlineKeyboardMarkup([[InlineKeyboardButton("삭제 / Delete", callback_data=f"forget:{user.id}:yes"),
                                           InlineKeyboardButton("취소 / Cancel", callback_data=f"forget:{user.id}:no")]])
         await update.effective_message.reply_text(render("forget_confirm", self.language(user)), reply_markup=keyboard)
@@ -328,7 +338,7 @@ class TelegramCompanion:
             return False
         if update.effective_chat.type != ChatType.PRIVATE:
             await update.effective_message.reply_text(render("private_only",
-                                                             self.language(user_ref(update.effective_user))))
+                                                             self.language(user_ref(update.effective_user, update.effective_chat))))
             return False
         return True
 
@@ -336,7 +346,7 @@ class TelegramCompanion:
         if self.addressed(update, context) and update.effective_chat.type == ChatType.PRIVATE:
             command = (update.effective_message.text or "").split()[0]
             await update.effective_message.reply_text(render("unknown_command",
-                                                             self.language(user_ref(update.effective_user)),
+                                                             self.language(user_ref(update.effective_user, update.effective_chat)),
                                                              command=command))
 
     # admin commands: checked here against `admins`, whatever Telegram shows in the command menu
@@ -344,7 +354,7 @@ class TelegramCompanion:
     async def admin_only(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> bool:
         if not self.addressed(update, context):
             return False
-        user = user_ref(update.effective_user)
+        user = user_ref(update.effective_user, update.effective_chat)
         if self.admin.is_admin(user.id):
             return True
         await update.effective_message.reply_text(render("admin_only", self.language(user)))
@@ -358,7 +368,7 @@ class TelegramCompanion:
     async def cmd_train(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not await self.admin_only(update, context):
             return
-        language = self.language(user_ref(update.effective_user))
+        language = self.language(user_ref(update.effective_user, update.effective_chat))
         await update.effective_message.reply_text(render("training_started", language))
         await update.effective_message.reply_text(fit(await self.admin.train_now_text(language)))
 
@@ -366,7 +376,7 @@ class TelegramCompanion:
         if not await self.admin_only(update, context):
             return
         args = context.args or []
-        if not args or (len(args) > 1 and not args[1].isdigit()):
+        if not args or (len(args) > 1 and not re.fullmatch(r"[0-9]{1,6}", args[1])):
             await update.effective_message.reply_text("/rollback LINEAGE [NUMBER], e.g. /rollback telegram:1234")
             return
         try:
@@ -392,12 +402,12 @@ class TelegramCompanion:
     async def cmd_pause(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if await self.admin_only(update, context):
             self.admin.pause_learning(True)
-            await update.effective_message.reply_text(render("learning_paused", self.language(user_ref(update.effective_user))))
+            await update.effective_message.reply_text(render("learning_paused", self.language(user_ref(update.effective_user, update.effective_chat))))
 
     async def cmd_resume(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if await self.admin_only(update, context):
             self.admin.pause_learning(False)
-            await update.effective_message.reply_text(render("learning_resumed", self.language(user_ref(update.effective_user))))
+            await update.effective_message.reply_text(render("learning_resumed", self.language(user_ref(update.effective_user, update.effective_chat))))
 
     # errors and the command menu
 

@@ -63,24 +63,18 @@ from pathlib import Path, PurePosixPath
 import aiohttp
 
 from bot.config import SamplingSettings, ServingSettings
+from bot.lineage import parse_adapter_name
 from bot.model import Sample
 from bot.serving import AdapterError, AdapterRef
 
 logger = logging.getLogger(__name__)
 
-GENERATION_NAME = re.compile(r"^(?P<lineage>.+)-gen-(?P<number>\d+)$")
 SERVER_FLAGS = ("start the server with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and "
                 "`vllm serve <base> --enable-lora --max-lora-rank <at least training.lora_r>`")
 
 
 class VllmError(Exception):
     """The vLLM server could not be reached or failed; the message says what to check."""
-
-
-def parse_generation(name: str) -> tuple[str, int] | None:
-    """`user-telegram-42-gen-3` -> ("user-telegram-42", 3); None for names without a -gen-<n> suffix."""
-    match = GENERATION_NAME.match(name)
-    return (match["lineage"], int(match["number"])) if match else None
 
 
 class VllmGenerator:
@@ -298,16 +292,26 @@ class VllmGenerator:
 
     def _supersede_older(self, name: str) -> None:
         """A newer generation is loaded: release the older ones of its lineage once their replies finish."""
-        parsed = parse_generation(name)
+        parsed = parse_adapter_name(name)
         if parsed is None:
             return
         for other in list(self._loaded):
-            older = parse_generation(other)
+            older = parse_adapter_name(other)
             if older is not None and older[0] == parsed[0] and older[1] < parsed[1]:
                 if self._in_flight[other] == 0:
                     self._retire(other)
                 else:
                     self._superseded.add(other)
+
+    async def evict_lineage(self, lineage: str) -> None:
+        """Unload the lineage's adapters from the server (each as soon as its replies in flight are done)."""
+        for name in list(self._loaded):
+            parsed = parse_adapter_name(name)
+            if parsed is not None and parsed[0] == lineage:
+                if self._in_flight[name] == 0:
+                    self._retire(name)
+                else:
+                    self._superseded.add(name)
 
     def _touch(self, name: str) -> None:
         if name in self._loaded:

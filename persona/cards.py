@@ -17,12 +17,16 @@ import re
 import struct
 import tomllib
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 MAX_FILE_BYTES = 20 * 1024 * 1024
+MAX_NAME_CHARS = 64           # name and user_label: a speaker label on every transcript line
+MAX_TEXT_CHARS = 16_000       # description, style, each greeting: every prompt carries them
+MAX_EXAMPLE_CHARS = 16_000    # all example dialogues together
+NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f:\u2028\u2029]")  # a line break or colon would fake a speaker turn
 LANGUAGES = ("ko", "en")
 DEFAULT_USER_LABELS = {"ko": "나", "en": "You"}
 SPEAKERS = ("user", "char")
@@ -53,6 +57,12 @@ class PersonaCard:
 
     def user_name(self) -> str:
         return self.user_label or DEFAULT_USER_LABELS.get(self.language, "You")
+
+    def defused(self, fix: Callable[[str], str]) -> "PersonaCard":
+        """A copy with `fix` applied to every text the model reads (see bot.prompt.defuse)."""
+        return replace(self, name=fix(self.name), description=fix(self.description), style=fix(self.style),
+                       user_label=fix(self.user_label), greetings=[fix(g) for g in self.greetings],
+                       examples=[[(role, fix(text)) for role, text in example] for example in self.examples])
 
     def render(self, text: str, user: str | None = None) -> str:
         """Replace {{char}}/<BOT> with the persona's name and {{user}}/<USER> with the user's."""
@@ -104,9 +114,11 @@ def load_card(path: str | Path) -> PersonaCard:
     text = _decode_utf8(_read_bytes(path), str(path))
     try:
         data = tomllib.loads(text)
+        return _card_from_toml(data, str(path), default_key=key_from_filename(path))
     except tomllib.TOMLDecodeError as exc:
         raise PersonaError(f"{path}: TOML syntax error: {exc}") from None
-    return _card_from_toml(data, str(path), default_key=key_from_filename(path))
+    except RecursionError:
+        raise PersonaError(f"{path}: the card's data is nested too deeply to read") from None
 
 
 def _card_from_toml(data: dict, source: str, default_key: str) -> PersonaCard:
@@ -147,6 +159,17 @@ def check_card(card: PersonaCard, source: str) -> None:
     for name in ("name", "description"):
         if not getattr(card, name).strip():
             raise PersonaError(f"{source}: '{name}' is empty")
+    for name in ("name", "user_label"):
+        value = getattr(card, name)
+        if len(value) > MAX_NAME_CHARS:
+            raise PersonaError(f"{source}: '{name}' is {len(value)} characters long (at most {MAX_NAME_CHARS})")
+        if NAME_FORBIDDEN.search(value):
+            raise PersonaError(f"{source}: '{name}' may not contain a line break, a control character or ':' "
+                               "(it labels a speaker on each line of the transcript)")
+    for name in ("description", "style"):
+        if len(getattr(card, name)) > MAX_TEXT_CHARS:
+            raise PersonaError(f"{source}: '{name}' is {len(getattr(card, name)):,} characters long "
+                               f"(at most {MAX_TEXT_CHARS:,}: every prompt carries it)")
     if card.language not in LANGUAGES:
         raise PersonaError(f"{source}: 'language' must be one of {', '.join(LANGUAGES)}, not '{card.language}'")
     if card.key and not KEY_PATTERN.fullmatch(card.key):
@@ -157,6 +180,9 @@ def check_card(card: PersonaCard, source: str) -> None:
     for number, greeting in enumerate(card.greetings, 1):
         if not isinstance(greeting, str) or not greeting.strip():
             raise PersonaError(f"{source}: greeting {number} must be a non-empty string")
+        if len(greeting) > MAX_TEXT_CHARS:
+            raise PersonaError(f"{source}: greeting {number} is {len(greeting):,} characters long "
+                               f"(at most {MAX_TEXT_CHARS:,})")
     for number, example in enumerate(card.examples, 1):
         if not example:
             raise PersonaError(f"{source}: example {number} has no turns")
@@ -169,6 +195,9 @@ def check_card(card: PersonaCard, source: str) -> None:
                 raise PersonaError(f"{where}: speaker must be \"user\" or \"char\", not {speaker!r}")
             if not isinstance(text, str) or not text.strip():
                 raise PersonaError(f"{where}: text must be a non-empty string")
+    if sum(len(text) for example in card.examples for _, text in example) > MAX_EXAMPLE_CHARS:
+        raise PersonaError(f"{source}: the example dialogues are longer than {MAX_EXAMPLE_CHARS:,} characters "
+                           "together (every prompt carries them)")
     if not isinstance(card.extra, dict):
         raise PersonaError(f"{source}: 'extra' must be a table, not {_toml_type(card.extra)}")
 
@@ -280,7 +309,13 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def import_card(path: str | Path) -> PersonaCard:
     """Read a SillyTavern character card (V1, V2 or V3; JSON or PNG) as a persona card."""
-    path = Path(path)
+    try:
+        return _import_card(Path(path))
+    except RecursionError:
+        raise PersonaError(f"{path}: the card's data is nested too deeply to read") from None
+
+
+def _import_card(path: Path) -> PersonaCard:
     raw = _read_bytes(path)
     if raw.startswith(_PNG_SIGNATURE):
         chunks = _png_text_chunks(raw, str(path))

@@ -6,7 +6,8 @@
 
 The rollover itself runs in a separate process (`python -m training.rollover`), so chatting goes on
 while it trains; the bot picks up a promoted generation on the next message. Never two at once:
-the job allows one instance and the rollover process holds a lock file. Misfires: runs missed
+the job allows one instance and the rollover process holds a lock file; one that hangs is stopped
+after `schedule.max_minutes` and its run marked 'timed out' (admins see it in /status). Misfires: runs missed
 while the bot was busy are coalesced into one, and a bot that was down at the scheduled time
 catches up once when it starts (when the last run is older than the last scheduled time).
 """
@@ -24,7 +25,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from bot.config import Settings
-from bot.store import Store
+from bot.store import Store, now
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,17 @@ class NightlyRollover:
                 exclude={"discord_token", "telegram_token", "vllm_api_key"})}
             process = await asyncio.create_subprocess_exec(*args, env=env, stdout=asyncio.subprocess.PIPE,
                                                            stderr=asyncio.subprocess.PIPE)
-            output, log = await process.communicate()
+            try:
+                output, log = await asyncio.wait_for(process.communicate(), self.settings.schedule.max_minutes * 60)
+            except asyncio.TimeoutError:
+                process.kill()
+                await process.wait()
+                minutes = self.settings.schedule.max_minutes
+                logger.error("the rollover ran longer than schedule.max_minutes (%g) and was stopped", minutes)
+                with self.store.transaction():  # the lock file died with it; the run's row says what happened
+                    self.store.db.execute("UPDATE rollover_runs SET status = 'timed out', finished_at = ? "
+                                          "WHERE status = 'running'", [now()])
+                return 124, f"stopped after {minutes:g} minutes (schedule.max_minutes); the serving generations are unchanged"
             text = output.decode(errors="replace").strip()  # one verdict per lineage (Outcome.line)
             logger.info("rollover exited with %s", process.returncode)
             if process.returncode != 0:  # the log's end says why

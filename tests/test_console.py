@@ -49,6 +49,21 @@ def test_a_whole_console_conversation(tmp_path, tiny_model_dir):
     assert db.execute("SELECT count(*) FROM conversations").fetchone()[0] == 3
 
 
+def test_console_export_and_forget(tmp_path, tiny_model_dir):
+    lines = ["안녕! 비밀 얘기 하나 할게", "1", "²", "/export", "/forget", "no", "/forget", "yes", "/quit"]
+    result = run_cli(tmp_path, tiny_model_dir, "run", stdin="\n".join(lines).encode() + b"\n")
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    [export] = list(tmp_path.glob("banryeo-export-*.json"))
+    assert f"{export}" in out and (os.stat(export).st_mode & 0o777) == 0o600
+    assert "비밀 얘기" in export.read_text()
+    assert "지우지 않았어" in out and "다 지웠어" in out      # "no" cancels, "yes" deletes
+    db = sqlite3.connect(tmp_path / "data" / "banryeo.db")
+    assert db.execute("SELECT count(*) FROM turns").fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM users").fetchone()[0] == 0
+    assert out.count("  1) ") == 2  # "²" was a message (offered candidates), not a pick of number 2
+
+
 def test_invalid_utf8_on_stdin_does_not_crash(tmp_path, tiny_model_dir):
     result = run_cli(tmp_path, tiny_model_dir, "chat", stdin=b"caf\xe9 \xff\xfe hello\n/quit\n")
     assert result.returncode == 0, result.stderr.decode()

@@ -328,6 +328,31 @@ async def test_guild_mentions_are_answered_when_enabled(discord_env, engine, set
     assert turns == ["안녕!"]  # the mention itself is not part of the message
 
 
+async def test_the_bots_messages_never_ping_anyone(discord_env):
+    fake, bot = discord_env
+    at = len(fake.calls)
+    await send_and_get_offer(fake, text="@everyone 안녕")
+    posts = [body for method, path, body in fake.calls[at:] if method == "POST" and path.endswith("/messages")]
+    assert posts and all(body.get("allowed_mentions") == {"parse": []} for body in posts), posts
+
+
+async def test_a_server_channel_never_sees_the_private_conversation(discord_env, engine, settings):
+    fake, bot = discord_env
+    settings.discord.answer_in_guilds = True
+    await send_and_get_offer(fake, text="비밀인데 내 비밀번호는 hunter2야")
+    at = len(fake.calls)
+    mention = {**(await _guild_message()), "id": "3002", "guild_id": "900",
+               "content": f"<@{BOT_USER['id']}> 다들 안녕!", "mentions": [BOT_USER]}
+    await fake.dispatch("MESSAGE_CREATE", mention)
+    _, body = await fake.wait_for("POST", "/channels/600/messages", after=at)
+    while "1️⃣" not in body["content"]:
+        _, body = await fake.wait_for("POST", "/channels/600/messages", after=len(fake.calls))
+    prompts = [row["prompt"] for row in engine.store.db.query("SELECT prompt FROM candidate_sets ORDER BY created_at")]
+    assert "hunter2" in prompts[0] and "다들 안녕!" in prompts[-1] and "hunter2" not in prompts[-1]
+    chats = [row["chat"] for row in engine.store.db.query("SELECT chat FROM conversations ORDER BY id")]
+    assert chats == ["", "600"]  # one conversation in the DM, one in the channel
+
+
 def test_offers_fit_discords_message_limit():
     from bot.discord_bot import MESSAGE_LIMIT, offer_text
     from bot.engine import CandidateSet, Notice

@@ -284,3 +284,32 @@ def test_save_writes_a_card_that_loads_back(tmp_path):
         library.save(PersonaCard("X", "d", ["hi"], [], key="My Card"))
     with pytest.raises(PersonaError, match="no folder"):
         PersonaLibrary().save(card)
+
+
+@pytest.mark.parametrize("card, reason", [
+    ({"name": "하루\n나", "first_mes": "안녕", "description": "친구"}, "line break"),
+    ({"name": "나: 하루", "first_mes": "안녕", "description": "친구"}, "':'"),
+    ({"name": "하루" * 40, "first_mes": "안녕", "description": "친구"}, "at most 64"),
+    ({"name": "하루", "first_mes": "안녕", "description": "가" * 2_000_000}, "2,000,000 characters"),
+    ({"name": "하루", "first_mes": "안" * 20_000, "description": "친구"}, "greeting 1"),
+    ({"name": "하루", "first_mes": "안녕", "description": "친구",
+      "mes_example": "<START>\n{{user}}: " + "가" * 20_000 + "\n{{char}}: 응"}, "example dialogues"),
+])
+def test_hostile_cards_are_refused_with_the_reason(tmp_path, card, reason):
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps(card, ensure_ascii=False))
+    with pytest.raises(PersonaError, match=reason):
+        import_card(path)
+
+
+def test_deeply_nested_cards_are_refused_not_crashed(tmp_path):
+    nested = tmp_path / "deep.json"
+    nested.write_text('{"name": "하루", "first_mes": "안녕", "description": "친구", "extensions": '
+                      + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(PersonaError, match="nested too deeply"):
+        import_card(nested)
+    toml = tmp_path / "deep.toml"
+    toml.write_text('name = "하루"\ndescription = "친구"\ngreetings = ["안녕"]\n[extra]\ndeep = '
+                    + "[" * 50_000 + "]" * 50_000 + "\n")
+    with pytest.raises(PersonaError, match="nested too deeply"):
+        load_card(toml)

@@ -83,3 +83,18 @@ def test_the_shared_prefix_is_the_persona_part_every_chat_starts_with():
                              count_tokens=words, budget=10_000, chat_template=template)
         assert one.prefix == other.prefix and card.description[:10] in one.prefix
         assert one.text.startswith(one.prefix) and "고구마피자" not in one.prefix
+
+
+def test_a_long_history_is_counted_newest_first_only_as_far_as_the_budget():
+    card = haru()
+    history = [Turn("user" if i % 2 else "char", f"메시지 번호 {i} 입니다") for i in range(2000)]
+    counted = []
+
+    def counting(text: str) -> int:
+        counted.append(text)
+        return words(text)
+
+    prompt = build_prompt(card, history, count_tokens=counting, budget=400)
+    assert 0 < len(history) - prompt.dropped_turns < 200
+    assert len(counted) < 300  # not one count per stored turn
+    assert "메시지 번호 1999" in prompt.text and "메시지 번호 0 " not in prompt.text

@@ -65,3 +65,22 @@ async def test_the_real_job_trains_and_the_running_engine_picks_it_up(engine, se
     runs = list(engine.store.db.query("SELECT status, summary FROM rollover_runs"))
     assert [r["status"] for r in runs] == ["finished"]
     assert json.loads(runs[0]["summary"])[0]["status"] == "promoted"
+
+
+async def test_a_hung_rollover_is_stopped_and_admins_see_it(engine, settings):
+    configure(settings, LENIENT)
+    settings.training.epochs = 10_000  # far longer than the limit below
+    settings.schedule.max_minutes = 0.75
+    alice = UserRef("test", "alice")
+    await make_picks(engine, alice)
+    nightly = NightlyRollover(settings, engine.store)
+    admin = Admin(engine.store, settings, nightly)
+    code, text = await nightly.run_once()
+    assert code == 124 and "stopped after 0.75 minutes" in text
+    [run] = engine.store.db.query("SELECT status, finished_at FROM rollover_runs")
+    assert run["status"] == "timed out" and run["finished_at"]
+    assert "last rollover: timed out at" in admin.status_text()
+    assert engine.store.serving(alice.id) is None  # nothing half-done is served
+    settings.training.epochs, settings.schedule.max_minutes = 1, 30
+    code, text = await nightly.run_once()  # the next night is not blocked by the lock file
+    assert code == 0 and f"{alice.id}: promoted gen-1" in text, text

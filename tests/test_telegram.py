@@ -134,6 +134,9 @@ async def test_bad_presses_get_clear_answers_and_change_nothing(telegram_env, en
     assert answer["show_alert"] and "다른 사람의 선택지" in answer["text"]
     query = await fake.click_raw(ALICE, offer, "pick:zz:banana")  # data that does not parse
     assert "버튼은 이제 쓸 수 없어" in (await fake.wait_answered(query["id"]))["text"]
+    set_id = data[0].split(":")[1]
+    query = await fake.click_raw(ALICE, offer, f"pick:{set_id}:²")  # a digit to isdigit(), not to int()
+    assert "버튼은 이제 쓸 수 없어" in (await fake.wait_answered(query["id"]))["text"]
     query = await fake.click_raw(ALICE, offer, "pick:000000000000:0")  # a set that never existed
     assert "찾을 수 없어" in (await fake.wait_answered(query["id"]))["text"]
 
@@ -280,6 +283,27 @@ async def test_groups_are_ignored_unless_addressed(telegram_env, engine, setting
     assert "1:1 대화에서만" in reply["text"]
 
 
+async def test_a_group_never_sees_the_private_conversation(telegram_env, engine, settings):
+    fake = telegram_env
+    settings.telegram.answer_in_groups = True
+    room = group(901, "friends")
+    await say(fake, "비밀인데 내 비밀번호는 hunter2야")  # in the private chat
+    at = len(fake.calls)
+    await fake.send(ALICE, f"@{BOT_USER['username']} 다들 안녕!", chat=room)
+    _, group_offer = await next_offer(fake, at)
+
+    def newest_prompt() -> str:
+        return engine.store.db.execute("SELECT prompt FROM candidate_sets ORDER BY created_at DESC").fetchone()[0]
+
+    group_prompt = newest_prompt()
+    assert "다들 안녕!" in group_prompt and "hunter2" not in group_prompt
+    await say(fake, "아까 말한 거 기억해?")  # the private chat goes on where it was
+    private_prompt = newest_prompt()
+    assert "hunter2" in private_prompt and "다들 안녕!" not in private_prompt
+    query = await fake.click(ALICE, group_offer["message_id"], buttons(group_offer)[0])  # the group offer stays open
+    assert "1" in (await fake.wait_answered(query["id"]))["text"]
+
+
 async def test_rate_limits_are_waited_out(telegram_env, engine):
     fake = telegram_env
     fake.rate_limit_next["sendMessage"] = 1
@@ -316,7 +340,8 @@ def test_button_data_is_parsed_strictly():
     forget = parse_button("forget:telegram:42:yes")
     assert (forget.action, forget.target, forget.value) == ("forget", "telegram:42", "yes")
     for bad in (None, "", "pick", "pick:abc", "pick:abc:-1", "pick:abc:999", "thumb:abc:meh", "x" * 64,
-                "regen:a:b", "forget:telegram:42:maybe"):
+                "regen:a:b", "forget:telegram:42:maybe", "pick:abc123:²", "pick:abc123:٣", "regen:가나",
+                "thumb:ABC:up"):
         assert parse_button(bad) is None, bad
 
 

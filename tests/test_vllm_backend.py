@@ -14,7 +14,8 @@ import pytest
 
 from bot.config import SamplingSettings, ServingSettings
 from bot.serving import AdapterError, AdapterRef
-from bot.vllm_backend import VllmError, VllmGenerator, parse_generation
+from bot.lineage import parse_adapter_name
+from bot.vllm_backend import VllmError, VllmGenerator
 from tests.fake_vllm import FakeVllm
 
 SAMPLING = SamplingSettings(temperature=0.8, top_p=0.9, top_k=0, repetition_penalty=1.1, max_new_tokens=16)
@@ -333,10 +334,10 @@ async def test_unload_failures_are_only_logged(fake, make_generator, generations
     assert generator.stats()["unloads"] == 0
 
 
-def test_parse_generation():
-    assert parse_generation("user-telegram-42-gen-3") == ("user-telegram-42", 3)
-    assert parse_generation("user-shared-gen-12") == ("user-shared", 12)
-    assert parse_generation("base") is None
+def test_parse_adapter_name():
+    assert parse_adapter_name("user-telegram-42-gen-3") == ("user-telegram-42", 3)
+    assert parse_adapter_name("user-shared-gen-12") == ("user-shared", 12)
+    assert parse_adapter_name("base") is None
 
 
 def test_close_after_the_loop_has_ended(tmp_path):

@@ -61,7 +61,8 @@ def pick_pairs(records: list[dict], max_rejected: int = 2) -> list[dict]:
         rejected = [r for r in record["rejected"] if r.strip() != record["chosen"].strip()]
         for text in rejected[:max_rejected]:
             pairs.append({"prompt": record["prompt"], "chosen": record["chosen"], "rejected": text,
-                          "context": record["context"], "set_id": record["set_id"], "pick_id": record["pick_id"]})
+                          "context": record["context"], "set_id": record["set_id"], "pick_id": record["pick_id"],
+                          "user_id": record.get("user_id")})
     return pairs
 
 

@@ -22,7 +22,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -31,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bot.config import Settings, load_settings
-from bot.lineage import RETRAIN_FROM_BASE, SHARED, GenerationError, adapter_name
+from bot.lineage import RETRAIN_FROM_BASE, SHARED, GenerationError, adapter_name, lineage_dir
 from bot.model import ModelBackend
-from bot.store import Store, now
+from bot.store import GENERATION_FLOOR, Store, now, private_dir
 from training.dataset import plan_night
 from training.gate import GateReport, evaluate, pair_wins, verdict
 from training.train import train_adapter
@@ -64,13 +63,22 @@ class Outcome:
         return text + (f"\n  refused: {self.reason}" if self.reason else "")
 
 
-def lineage_dir(settings: Settings, lineage: str) -> Path:
-    return settings.storage.generations_dir / re.sub(r"[^A-Za-z0-9_-]", "-", lineage)
+def fsync_tree(folder: Path, files: bool = True) -> None:
+    """Flush a folder's files (with `files`) and the folder itself to disk."""
+    for path in sorted(folder.rglob("*")) if files else []:
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 @contextmanager
 def rollover_lock(settings: Settings):
-    settings.storage.generations_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.storage.generations_dir)
     with open(settings.storage.generations_dir / ".rollover.lock", "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -88,8 +96,9 @@ def lineages(store: Store, settings: Settings) -> dict[str, list[str] | None]:
 
 
 def next_number(store: Store, settings: Settings, lineage: str) -> int:
-    """Higher than any generation in the database or on disk (a crash can leave a folder without a row)."""
-    numbers = [g["number"] for g in store.generations(lineage)]
+    """Higher than any generation in the database or on disk (a crash can leave a folder without a row);
+    a lineage without any starts above every number a forgotten lineage reached (never reused names)."""
+    numbers = [g["number"] for g in store.generations(lineage)] or [int(store.flag(GENERATION_FLOOR) or 0)]
     folder = lineage_dir(settings, lineage)
     numbers += [int(p.name[4:]) for p in folder.glob("gen-*") if p.name[4:].isdigit()] if folder.exists() else []
     return max(numbers, default=0) + 1
@@ -121,7 +130,9 @@ def run_rollover(settings: Settings, only: str | None = None, force: bool = Fals
             status = "failed"
             raise
         finally:
-            summary = json.dumps([o.__dict__ for o in outcomes], ensure_ascii=False, default=str)
+            gone = {o.lineage for o in outcomes if o.lineage != SHARED and store.user(o.lineage) is None}
+            summary = json.dumps([o.__dict__ for o in outcomes if o.lineage not in gone], ensure_ascii=False,
+                                 default=str)
             store.db["rollover_runs"].update(run_id, {"finished_at": now(), "status": status, "summary": summary})
             store.close()
         return outcomes
@@ -157,10 +168,11 @@ def _roll(store: Store, settings: Settings, backend: ModelBackend, lineage: str,
             return Outcome(lineage, "skipped", f"nothing new to learn: the serving generation already prefers the "
                                                f"picked reply in {sum(known.values())} of {len(known)} pairs")
     folder = lineage_dir(settings, lineage)
-    folder.mkdir(parents=True, exist_ok=True)
+    private_dir(folder)
     for stale in folder.glob(".partial-*"):  # left by a crash: never visible, safe to remove
         shutil.rmtree(stale, ignore_errors=True)
     partial = folder / f".partial-gen-{number:04d}-{os.getpid()}"
+    private_dir(partial)  # the adapter folder, like every data folder, is this user's only
 
     result = train_adapter(backend, train_pairs, data.thumbs, cfg, partial,
                            max_reply_tokens=settings.sampling.max_new_tokens,
@@ -193,15 +205,29 @@ def _roll(store: Store, settings: Settings, backend: ModelBackend, lineage: str,
     (partial / "metadata.json").write_text(json.dumps(metadata, ensure_ascii=False, indent=2, default=str))
     shutil.rmtree(partial / "trainer", ignore_errors=True)
     final = folder / f"gen-{number:04d}"
+    fsync_tree(partial)  # on disk before it becomes visible: a power cut cannot leave a named, empty adapter
     partial.rename(final)  # atomic: the generation appears whole or not at all
+    fsync_tree(folder, files=False)
 
     status = "promoted" if report.passed else "rejected"
-    generation_id = store.add_generation(lineage, number, str(final), current["id"] if current else None, status,
-                                         metrics, data.last_pick_id, "; ".join(report.reasons))
-    if report.passed:
-        store.set_serving(lineage, generation_id)
-        if retrain and store.flag(RETRAIN_FROM_BASE + lineage) == retrain:  # nobody forgot since this night began
-            store.set_flag(RETRAIN_FROM_BASE + lineage, None)
+    used_picks = [p["pick_id"] for p in data.train_pairs + data.heldout_pairs]
+    contributors = {p["user_id"] for p in data.train_pairs + data.heldout_pairs} | {t["user_id"] for t in data.thumbs}
+    contributors.discard(None)
+    with store.transaction():  # promoted only if nobody forgot or opted out while it trained
+        kept = store.learnable(used_picks, contributors) and store.flag(RETRAIN_FROM_BASE + lineage) == retrain
+        if kept:
+            generation_id = store.add_generation(lineage, number, str(final), current["id"] if current else None,
+                                                 status, metrics, data.last_pick_id, "; ".join(report.reasons))
+            if report.passed:
+                store.set_serving(lineage, generation_id)
+                if retrain:  # nobody forgot since this night began (checked above)
+                    store.set_flag(RETRAIN_FROM_BASE + lineage, None)
+    if not kept:
+        shutil.rmtree(final, ignore_errors=True)
+        logger.info("%s: generation %d discarded, a user forgot their data or stopped learning meanwhile",
+                    lineage, number)
+        return Outcome(lineage, "skipped", "discarded: a user whose picks it learned from deleted their data or "
+                                           "turned learning off while it trained")
     _prune(store, settings, lineage)
     return Outcome(lineage, status, "; ".join(report.reasons), number, metrics)
 

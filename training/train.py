@@ -34,6 +34,7 @@ from transformers import TrainerCallback
 
 from bot.config import TrainingSettings
 from bot.model import ModelBackend
+from bot.prompt import defuse
 from training.dataset import overdone_pairs, trim_prompt
 
 logger = logging.getLogger(__name__)
@@ -80,17 +81,24 @@ class StopWhenWon(TrainerCallback):
 
 
 def _rows(pairs: list[dict], backend: ModelBackend, cfg: TrainingSettings, max_reply_tokens: int) -> list[dict]:
+    """TRL rows; text from users and picks is defused (a typed `<eos>` is trained as text, not as the token)."""
     rows = []
+
+    def plain(text: str) -> str:
+        return defuse(text, backend.special_tokens)
+
     for pair in pairs:
         if backend.use_chat_template:
-            rows.append({"prompt": pair["context"], "chosen": [{"role": "assistant", "content": pair["chosen"]}],
-                         "rejected": [{"role": "assistant", "content": pair["rejected"]}]})
+            context = [{**m, "content": plain(m["content"])} for m in pair["context"]]
+            rows.append({"prompt": context, "chosen": [{"role": "assistant", "content": plain(pair["chosen"])}],
+                         "rejected": [{"role": "assistant", "content": plain(pair["rejected"])}]})
             continue
-        prompt = trim_prompt(pair["prompt"], max_reply_tokens, cfg.max_length, backend.count_tokens)
+        prompt = trim_prompt(plain(pair["prompt"]), max_reply_tokens, cfg.max_length, backend.count_tokens)
         if prompt is None:
             continue
         # In a transcript a reply is " text" and ends at the line break.
-        rows.append({"prompt": prompt, "chosen": f" {pair['chosen']}\n", "rejected": f" {pair['rejected']}\n"})
+        rows.append({"prompt": prompt, "chosen": f" {plain(pair['chosen'])}\n",
+                     "rejected": f" {plain(pair['rejected'])}\n"})
     return rows
 
 
@@ -243,7 +251,9 @@ def _kto_stage(model, backend: ModelBackend, thumbs: list[dict], cfg: TrainingSe
     """Continue the DPO adapter with KTO on thumbs; the reference is the DPO result (TRL's 'ref' copy)."""
     from trl import KTOConfig, KTOTrainer
 
-    rows = [{"prompt": t["prompt"], "completion": f" {t['completion']}\n", "label": t["label"]} for t in thumbs]
+    rows = [{"prompt": t["prompt"] if backend.use_chat_template else defuse(t["prompt"], backend.special_tokens),
+             "completion": f" {defuse(t['completion'], backend.special_tokens)}\n", "label": t["label"]}
+            for t in thumbs]
     random.Random(cfg.seed).shuffle(rows)  # KTO samples sequentially
     good = sum(r["label"] for r in rows)
     undesirable_weight = good / max(1, len(rows) - good)  # keeps n_D*w_D / (n_U*w_U) at 1
