@@ -3,7 +3,7 @@ does not contain (training/scenarios.py), night after night, through the real ro
 
     python bench/learning.py                                  # both traits, one night of 60 picks
     python bench/learning.py --trait fact --nights 10         # 60 new picks a night: history 60 -> 600
-    python bench/learning.py --trait style --nights 30 --picks 20
+    python bench/learning.py --trait style --history $(seq -s, 80 20 660)   # 30 nights: 80 picks, then 20 a night
     python bench/learning.py --trait fact --history 60,120,540,600    # a night's cost at 60..600 picks
 
 For each trait it prints every night's verdict and cost (minutes, pairs trained, pairs a minute, history
