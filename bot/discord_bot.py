@@ -73,8 +73,12 @@ class PickButton(discord.ui.DynamicItem[discord.ui.Button], template=r"banryeo:p
     async def callback(self, interaction: discord.Interaction) -> None:
         bot: CompanionBot = interaction.client  # type: ignore[assignment]
         await interaction.response.defer()
+
+        async def tell_presser(text: str) -> None:  # only to whoever pressed (another member, in a server)
+            await interaction.followup.send(text, ephemeral=True)
+
         await bot.pick(interaction_user(interaction), self.set_id, self.index, interaction.channel_id,
-                       interaction.message.id if interaction.message else None)
+                       interaction.message.id if interaction.message else None, tell=tell_presser)
 
 
 class ConfirmForget(discord.ui.View):
@@ -196,19 +200,24 @@ class CompanionBot(discord.Client):
         if set_id is not None:
             await self.engine.on_thumb(UserRef(PLATFORM, str(payload.user_id)), set_id, 0)
 
-    async def pick(self, user: UserRef, set_id: str, index: int, channel_id: int, message_id: int | None) -> None:
+    async def pick(self, user: UserRef, set_id: str, index: int, channel_id: int, message_id: int | None,
+                   tell=None) -> None:
+        """Record a pick and show it; a refusal goes to `tell` (a button's presser only) or the channel."""
         channel = self.get_partial_messageable(channel_id)
         language = self.engine.language_of(user)
         try:
             picked = await self.engine.on_pick(user, set_id, index)
         except EngineError as exc:
-            await channel.send(render(exc.key, language, **exc.params))
+            await (tell or channel.send)(render(exc.key, language, **exc.params))
             return
         if picked.already or message_id is None:
             return
         card = self.engine.persona_of(user)
         text = fit(f"{card.name}: {picked.text}\n-# {render('picked', language, number=index + 1)} · 👍 👎")
-        await channel.get_partial_message(message_id).edit(content=text, view=None)
+        message = channel.get_partial_message(message_id)
+        await message.edit(content=text, view=None)
+        for emoji in THUMBS:  # the rating the footer offers is one tap away
+            await message.add_reaction(emoji)
 
     async def regenerate(self, user: UserRef, channel_id: int, set_id: str) -> None:
         channel = self.get_partial_messageable(channel_id)

@@ -73,6 +73,8 @@ async def test_dm_offer_reaction_pick_and_edit(discord_env, engine):
     offer = engine.store.candidate_set(set_id)
     assert edit["content"].startswith(f"하루: {offer['candidates'][1]['text']}") and "2번을 골랐어" in edit["content"]
     assert engine.store.pick_of(set_id)["idx"] == 1
+    for emoji in ("👍", "👎"):  # the footer's rating, ready to tap
+        await fake.wait_for("PUT", f"/reactions/{emoji}/@me", after=before)
 
     await fake.react(ALICE["id"], message_id, "2️⃣")  # a double pick: nothing new
     await fake.react(MALLORY["id"], message_id, "1️⃣")  # someone else's reaction on Alice's offer
@@ -118,6 +120,14 @@ async def test_buttons_pick_through_interactions(discord_env, engine, settings):
     assert ack["type"] == 6  # deferred update: the click is acknowledged
     _, edit = await fake.wait_for("PATCH", f"/messages/{message_id}", after=at)
     assert edit["components"] == [] and engine.store.pick_of(set_id)["idx"] == len(custom_ids) - 1
+
+    message_id, body = await send_and_get_offer(fake, text="또 왔어")
+    custom_ids = [c["custom_id"] for row in body["components"] for c in row["components"]]
+    at = len(fake.calls)
+    await fake.click(MALLORY, message_id, custom_ids[0])  # someone else presses Alice's button
+    _, refusal = await fake.wait_for("POST", "/webhooks/", after=at)
+    assert refusal["flags"] & 64 and "찾을 수 없어" in refusal["content"]  # told to the presser only
+    assert not [body for method, path, body in fake.calls[at:] if method == "POST" and "/channels/" in path]
 
 
 async def test_admin_commands_only_for_admins(discord_env, engine):
