@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from bot.config import EMBEDDED_MODEL, ModelSettings, SamplingSettings  # noqa: E402
 from bot.sampling import generate_kwargs  # noqa: E402
-from bot.prompt import defuse  # noqa: E402
+from bot.prompt import ControlTokens, defuse  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -166,11 +166,11 @@ class ModelBackend:
                    seed=settings.seed)
 
     @functools.cached_property
-    def special_tokens(self) -> list[str]:
+    def special_tokens(self) -> ControlTokens:
         """The tokenizer's control tokens as text (`<eos>`, `<start_of_turn>`, ...): typed by a user or
         written in a card they are defused (bot.prompt.defuse), never read as control tokens."""
         added = [t.content for t in getattr(self.tokenizer, "added_tokens_decoder", {}).values() if t.special]
-        return sorted(set(self.tokenizer.all_special_tokens) | set(added), key=len, reverse=True)
+        return ControlTokens([*self.tokenizer.all_special_tokens, *added])
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)

@@ -50,10 +50,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Collection
+from typing import TYPE_CHECKING, Any
 
 from bot.config import ChatSettings, ModelSettings, Settings
-from bot.prompt import Prompt, Turn, build_prompt, one_line, shorten
+from bot.prompt import ControlTokens, Prompt, Turn, build_prompt, one_line, shorten
 from bot.store import Store, now
 from persona import PersonaCard, PersonaLibrary
 
@@ -312,7 +312,7 @@ def parse_time(value: str) -> str:
 
 def live_prompt(card: PersonaCard, turns: list[Turn], settings: Settings, count_tokens: Callable[[str], int],
                 chat_template: Callable[[list[dict[str, str]]], str] | None = None,
-                special_tokens: Collection[str] = ()) -> Prompt:
+                special_tokens: ControlTokens | None = None) -> Prompt:
     """The prompt a live message after `turns` gets (bot/engine.py `_offer`): long messages shortened, same budget."""
     limit = settings.chat.max_message_chars
     history = [Turn(turn.role, shorten(turn.text, limit)[0]) for turn in turns]
@@ -359,7 +359,7 @@ class _PreparedPick:
 def import_pick_records(store: Store, settings: Settings, records: list[dict], count_tokens: Callable[[str], int],
                         model_name: str = "imported", *,
                         chat_template: Callable[[list[dict[str, str]]], str] | None = None,
-                        special_tokens: Collection[str] = ()) -> ImportSummary:
+                        special_tokens: ControlTokens | None = None) -> ImportSummary:
     """Store `records` as picks, all or nothing.
 
     Every record is checked first (PickImportError lists every problem, "line N" being the Nth record, and
@@ -399,7 +399,7 @@ def _persona_of(record: dict, store: Store, settings: Settings, personas: Person
 
 def _prepare(record: dict, store: Store, settings: Settings, personas: PersonaLibrary,
              count_tokens: Callable[[str], int], chat_template: Callable | None,
-             special_tokens: Collection[str] = ()) -> _PreparedPick:
+             special_tokens: ControlTokens | None = None) -> _PreparedPick:
     persona = _persona_of(record, store, settings, personas)
     turns = [Turn(ROLES[m["role"]], message_text(m["content"])) for m in record["context"]]
     prompt = live_prompt(personas.get(persona), turns, settings, count_tokens, chat_template, special_tokens)

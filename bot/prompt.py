@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Literal
+from typing import Callable, Iterable, Literal
 
 from persona import PersonaCard
 
@@ -55,14 +55,34 @@ def shorten(text: str, limit: int) -> tuple[str, bool]:
     return text[:head].rstrip() + ELLIPSIS + text[len(text) - tail:].lstrip(), True
 
 
-def defuse(text: str, special_tokens: Collection[str]) -> str:
+class ControlTokens:
+    """A tokenizer's control tokens as text, indexed for `defuse`: Gemma 3 has 6,249 of them (`<eos>`,
+    `<start_of_turn>`, `<unused42>`, ...), so a text is only searched where one of them could start."""
+
+    def __init__(self, tokens: Iterable[str]):
+        self.tokens = frozenset(t for t in tokens if len(t) > 1)
+        self.firsts = frozenset(t[0] for t in self.tokens)
+        self.lengths = sorted({len(t) for t in self.tokens}, reverse=True)
+
+    def __bool__(self) -> bool:
+        return bool(self.tokens)
+
+
+def defuse(text: str, control: ControlTokens | None) -> str:
     """`text` with every model control token it contains (typed `<start_of_turn>`, `<eos>`, ...) broken by
     an invisible word joiner after its first character: the tokenizer then reads it as ordinary text,
     so what a user or a card writes can never end a turn, start one, or stop generation."""
-    for token in special_tokens:
-        if len(token) > 1 and token in text:
-            text = text.replace(token, token[0] + WORD_JOINER + token[1:])
-    return text
+    if not control or control.firsts.isdisjoint(text):
+        return text
+    pieces, start, i = [], 0, 0
+    while i < len(text):
+        length = next((n for n in control.lengths if text[i:i + n] in control.tokens), 0) \
+            if text[i] in control.firsts else 0
+        if length:
+            pieces.append(text[start:i + 1] + WORD_JOINER)
+            start = i + 1
+        i += length or 1
+    return "".join(pieces) + text[start:]
 
 
 def one_line(text: str) -> str:
@@ -71,7 +91,7 @@ def one_line(text: str) -> str:
 
 def build_prompt(card: PersonaCard, history: list[Turn], *, count_tokens: Callable[[str], int], budget: int,
                  chat_template: Callable[[list[dict[str, str]]], str] | None = None,
-                 user_name: str | None = None, special_tokens: Collection[str] = ()) -> Prompt:
+                 user_name: str | None = None, special_tokens: ControlTokens | None = None) -> Prompt:
     """Fit persona + as much recent history as the token budget allows (the last turn is always kept).
 
     Text from the user and the card is `defuse`d against the tokenizer's `special_tokens` first.

@@ -457,9 +457,9 @@ class Store:
             self._edit_summaries(lambda outcome: None if outcome.get("lineage") == user_id else outcome)
         self.checkpoint()
 
-    def forget_lineage(self, lineage: str) -> list[str]:
-        """Delete a lineage's generation rows, serving pointer and adapter-error flags; returns their
-        folders to remove. The highest number it reached is kept (without saying whose) in the flag
+    def forget_lineage(self, lineage: str) -> None:
+        """Delete a lineage's generation rows, serving pointer and adapter-error flags (its folder is
+        removed by bot.lineage.forget_generations). The highest number it reached is kept (without saying whose) in the flag
         `generation_floor`: a lineage with no generations numbers its first above it, so a served
         name never stands for two different weights, not even after a forget."""
         generations = self.generations(lineage)
@@ -472,7 +472,6 @@ class Store:
             for generation in generations:
                 self.db.execute("DELETE FROM flags WHERE name = ?", ["adapter_error:" + adapter_name(generation)])
         self.checkpoint()
-        return [g["path"] for g in generations]
 
     def drop_examples(self, lineage: str) -> None:
         """Remove the sampled example replies kept in a lineage's generation rows and rollover summaries

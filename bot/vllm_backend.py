@@ -298,20 +298,20 @@ class VllmGenerator:
         for other in list(self._loaded):
             older = parse_adapter_name(other)
             if older is not None and older[0] == parsed[0] and older[1] < parsed[1]:
-                if self._in_flight[other] == 0:
-                    self._retire(other)
-                else:
-                    self._superseded.add(other)
+                self._retire_when_idle(other)
 
     async def evict_lineage(self, lineage: str) -> None:
         """Unload the lineage's adapters from the server (each as soon as its replies in flight are done)."""
         for name in list(self._loaded):
             parsed = parse_adapter_name(name)
             if parsed is not None and parsed[0] == lineage:
-                if self._in_flight[name] == 0:
-                    self._retire(name)
-                else:
-                    self._superseded.add(name)
+                self._retire_when_idle(name)
+
+    def _retire_when_idle(self, name: str) -> None:
+        if self._in_flight[name] == 0:
+            self._retire(name)
+        else:
+            self._superseded.add(name)  # retired by `_release` once its last reply is done
 
     def _touch(self, name: str) -> None:
         if name in self._loaded:
