@@ -161,6 +161,8 @@ class ServingSettings(_Section):
 class DiscordSettings(_Section):
     pick_with: Literal["reactions", "buttons", "both"] = Field("reactions", description="how users pick in DMs")
     answer_in_guilds: bool = Field(False, description="answer in server channels when mentioned")
+    admin_guild_id: int | None = Field(None, description="the one server where admin commands are offered; "
+                                                         "unset: every server (never in DMs)")
     api_base: str | None = Field(None, description="REST base URL; only for a local test server")
     gateway_url: str | None = Field(None, description="gateway URL; only for a local test server")
 

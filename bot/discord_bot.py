@@ -7,13 +7,20 @@ intent is not needed: Discord sends the content of DMs (and of messages that men
     await bot.start(token)
 
 A DM gets a typing indicator while candidates are sampled, then one message with the numbered
-candidates and reactions 1️⃣…N plus 🔄 (regenerate), or buttons (`discord.pick_with`). A pick edits
-the message down to the chosen reply. A new message without a pick skips the offer: its candidates
-stay visible but can no longer be picked (the engine answers such late picks with a clear notice).
+candidates and reactions 1️⃣…N plus 🔄 (regenerate), or buttons 1…N plus 🔄 (`discord.pick_with`). A
+pick edits the message down to the chosen reply. A new message without a pick skips the offer: its
+candidates stay visible but can no longer be picked (the engine answers such late picks with a clear notice).
+
+Discord fails an interaction that is not answered within 3 seconds, so every command that may wait
+(for the user's lock while a reply is sampled, for the database, for a chart) defers first and
+answers with a followup. Admin commands are offered only in servers, to members with Administrator
+(or only in `discord.admin_guild_id`), and are checked against `admins` whoever calls them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -26,7 +33,7 @@ from discord import app_commands
 from bot.admin import Admin
 from bot.config import Settings
 from bot.engine import CandidateSet, DialogueEngine, EngineError, UserRef
-from bot.messages import NUMBERS, numbered_offer, render
+from bot.messages import NUMBERS, numbered_offer, render, with_hint
 from bot.messages import fit as fit_within
 
 logger = logging.getLogger(__name__)
@@ -38,14 +45,32 @@ MESSAGE_LIMIT = 2000
 PLATFORM = "discord"
 
 
-def user_ref(author: discord.abc.User, guild_channel_id: int | None = None) -> UserRef:
+def user_ref(author: discord.abc.User, guild_channel_id: int | None = None, locale: str = "") -> UserRef:
     """The engine's user; in a server channel, with the channel's id so it gets its own conversation."""
     return UserRef(PLATFORM, str(author.id), getattr(author, "global_name", None) or author.name,
-                   str(guild_channel_id) if guild_channel_id else "")
+                   str(guild_channel_id) if guild_channel_id else "", locale)
 
 
 def interaction_user(interaction: discord.Interaction) -> UserRef:
-    return user_ref(interaction.user, interaction.channel_id if interaction.guild_id else None)
+    """Interactions carry the user's app language (messages and reactions do not; the engine remembers it)."""
+    return user_ref(interaction.user, interaction.channel_id if interaction.guild_id else None,
+                    interaction.locale.value)
+
+
+@contextlib.asynccontextmanager
+async def typing_in(channel: discord.abc.Messageable):
+    """"Typing…" while the block runs; a channel that refuses it (403, a Discord hiccup) loses nothing."""
+    indicator = channel.typing()
+    try:
+        await indicator.__aenter__()
+    except discord.HTTPException as exc:
+        logger.warning("typing indicator failed (%s); answering anyway", exc.status)
+        indicator = None
+    try:
+        yield
+    finally:
+        if indicator is not None:
+            await indicator.__aexit__(None, None, None)
 
 
 def fit(text: str, limit: int = MESSAGE_LIMIT) -> str:
@@ -81,6 +106,37 @@ class PickButton(discord.ui.DynamicItem[discord.ui.Button], template=r"banryeo:p
                        interaction.message.id if interaction.message else None, tell=tell_presser)
 
 
+class RegenerateButton(discord.ui.DynamicItem[discord.ui.Button], template=r"banryeo:regen:(?P<set_id>[0-9a-f]+)"):
+    """🔄 as a button: new candidates for the offer `set_id` (buttons mode has no reactions to tap)."""
+
+    def __init__(self, set_id: str):
+        super().__init__(discord.ui.Button(emoji=REGENERATE, style=discord.ButtonStyle.secondary,
+                                           custom_id=f"banryeo:regen:{set_id}"))
+        self.set_id = set_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match):
+        return cls(match["set_id"])
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        bot: CompanionBot = interaction.client  # type: ignore[assignment]
+        await interaction.response.defer()
+
+        async def tell_presser(text: str) -> None:
+            await interaction.followup.send(text, ephemeral=True)
+
+        if await bot.regenerate(interaction_user(interaction), interaction.channel_id, self.set_id, tell=tell_presser):
+            await interaction.edit_original_response(view=None)  # the replaced candidates can't be picked
+
+
+def offer_view(offer: CandidateSet) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    for index in range(len(offer.texts)):
+        view.add_item(PickButton(offer.id, index))
+    view.add_item(RegenerateButton(offer.id))
+    return view
+
+
 class ConfirmForget(discord.ui.View):
     """Two buttons; only the user who asked can answer. `confirmed` is None until one is pressed."""
 
@@ -100,8 +156,9 @@ class ConfirmForget(discord.ui.View):
     async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
         self.confirmed = True
         bot: CompanionBot = interaction.client  # type: ignore[assignment]
+        await interaction.response.defer()  # the forget waits for a reply being sampled: answer Discord first
         await bot.engine.forget(user_ref(interaction.user))
-        await interaction.response.edit_message(content=render("forget_done", self.language), view=None)
+        await interaction.edit_original_response(content=render("forget_done", self.language), view=None)
         self.stop()
 
     @discord.ui.button(label="Cancel / 취소", style=discord.ButtonStyle.secondary)
@@ -124,9 +181,13 @@ class CompanionBot(discord.Client):
         self.tree = app_commands.CommandTree(self)
 
     async def setup_hook(self) -> None:
-        self.add_dynamic_items(PickButton)
-        add_commands(self.tree)
+        self.add_dynamic_items(PickButton, RegenerateButton)
+        admin_guild = discord.Object(self.settings.discord.admin_guild_id) if self.settings.discord.admin_guild_id \
+            else None
+        add_commands(self.tree, admin_guild)
         await self.tree.sync()
+        if admin_guild is not None:
+            await self.tree.sync(guild=admin_guild)
 
     # -- chat ---------------------------------------------------------------------------------------
 
@@ -143,7 +204,7 @@ class CompanionBot(discord.Client):
             await message.channel.send(render("text_only", language))
             return
         try:
-            async with message.channel.typing():
+            async with typing_in(message.channel):
                 offer = await self.engine.on_message(user, text)
         except EngineError as exc:
             await message.channel.send(render(exc.key, language, **exc.params))
@@ -161,15 +222,11 @@ class CompanionBot(discord.Client):
             self.engine.store.link_message(PLATFORM, str(sent.id), offer.id)
             return
         mode = self.settings.discord.pick_with
-        view = None
-        if mode in ("buttons", "both"):
-            view = discord.ui.View(timeout=None)
-            for index in range(len(offer.texts)):
-                view.add_item(PickButton(offer.id, index))
+        view = offer_view(offer) if mode in ("buttons", "both") else None
         sent = await channel.send(offer_text(offer, language, notices), view=view)
         self.engine.store.link_message(PLATFORM, str(sent.id), offer.id)
         if mode in ("reactions", "both"):
-            for emoji in [*PICK_EMOJIS[: len(offer.texts)], REGENERATE]:
+            for emoji in [*PICK_EMOJIS[: len(offer.texts)], *([] if view else [REGENERATE])]:
                 await sent.add_reaction(emoji)
 
     async def on_error(self, event_method: str, /, *args, **kwargs) -> None:
@@ -177,32 +234,49 @@ class CompanionBot(discord.Client):
         # the message and its candidates, so nothing is lost; log it and keep serving everyone else.
         logger.exception("Discord event %s failed", event_method)
 
+    def reactor(self, payload: discord.RawReactionActionEvent) -> UserRef | None:
+        """Who reacted, as the engine knows them; None for our own reactions (they come back as events
+        too) and for server channels the bot does not answer in."""
+        if payload.user_id == self.user.id:
+            return None
+        if payload.guild_id is None:
+            return UserRef(PLATFORM, str(payload.user_id))
+        if not self.settings.discord.answer_in_guilds:
+            return None
+        return UserRef(PLATFORM, str(payload.user_id), chat=str(payload.channel_id))
+
+    async def tell_privately(self, user: UserRef, text: str) -> None:
+        """A refusal for a reaction in a server channel goes to the reactor's DMs, not to everyone there."""
+        channel = await self.create_dm(discord.Object(int(user.platform_id)))
+        await channel.send(text)
+
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
-        if payload.user_id == self.user.id or payload.guild_id is not None:
-            return  # our own reactions come back as events too
+        user = self.reactor(payload)
+        if user is None:
+            return
         set_id = self.engine.store.set_for_message(PLATFORM, str(payload.message_id))
         emoji = str(payload.emoji)
         if set_id is None or (emoji not in PICK_EMOJIS and emoji != REGENERATE and emoji not in THUMBS):
             return  # not a candidate message, or an unrelated emoji
-        user = UserRef(PLATFORM, str(payload.user_id))
+        tell = (lambda text: self.tell_privately(user, text)) if user.chat else None
         if emoji in THUMBS:
             await self.engine.on_thumb(user, set_id, THUMBS[emoji])  # the reaction itself is the confirmation
         elif emoji == REGENERATE:
-            await self.regenerate(user, payload.channel_id, set_id)
+            await self.regenerate(user, payload.channel_id, set_id, tell=tell)
         else:
-            await self.pick(user, set_id, PICK_EMOJIS.index(emoji), payload.channel_id, payload.message_id)
+            await self.pick(user, set_id, PICK_EMOJIS.index(emoji), payload.channel_id, payload.message_id, tell=tell)
 
     async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
-        emoji = str(payload.emoji)
-        if payload.user_id == self.user.id or payload.guild_id is not None or emoji not in THUMBS:
+        user = self.reactor(payload)
+        if user is None or str(payload.emoji) not in THUMBS:
             return
         set_id = self.engine.store.set_for_message(PLATFORM, str(payload.message_id))
         if set_id is not None:
-            await self.engine.on_thumb(UserRef(PLATFORM, str(payload.user_id)), set_id, 0)
+            await self.engine.on_thumb(user, set_id, 0)
 
     async def pick(self, user: UserRef, set_id: str, index: int, channel_id: int, message_id: int | None,
                    tell=None) -> None:
-        """Record a pick and show it; a refusal goes to `tell` (a button's presser only) or the channel."""
+        """Record a pick and show it; a refusal goes to `tell` (the presser or reactor only) or the channel."""
         channel = self.get_partial_messageable(channel_id)
         language = self.engine.language_of(user)
         try:
@@ -219,20 +293,22 @@ class CompanionBot(discord.Client):
         for emoji in THUMBS:  # the rating the footer offers is one tap away
             await message.add_reaction(emoji)
 
-    async def regenerate(self, user: UserRef, channel_id: int, set_id: str) -> None:
+    async def regenerate(self, user: UserRef, channel_id: int, set_id: str, tell=None) -> bool:
+        """New candidates for offer `set_id`; a refusal goes to `tell` or the channel. True when offered."""
         channel = self.get_partial_messageable(channel_id)
         try:
-            async with channel.typing():
+            async with typing_in(channel):
                 offer = await self.engine.regenerate(user, set_id)
         except EngineError as exc:
-            await channel.send(render(exc.key, self.engine.language_of(user), **exc.params))
-            return
+            await (tell or channel.send)(render(exc.key, self.engine.language_of(user), **exc.params))
+            return False
         await self.send_offer(channel, user, offer)
+        return True
 
 
-def add_commands(tree: app_commands.CommandTree) -> None:
-    """User commands (start, help, reset, persona, forget, export) and admin commands (status, train,
-    rollback, stats, pause, resume)."""
+def add_commands(tree: app_commands.CommandTree, admin_guild: discord.abc.Snowflake | None = None) -> None:
+    """User commands (start, help, reset, persona, forget, export, learning) and admin commands (status,
+    train, rollback, stats, pause, resume; only in servers, or only in `admin_guild`)."""
 
     def engine_of(interaction: discord.Interaction) -> tuple[CompanionBot, UserRef, str]:
         bot: CompanionBot = interaction.client  # type: ignore[assignment]
@@ -241,26 +317,40 @@ def add_commands(tree: app_commands.CommandTree) -> None:
 
     async def refuse_non_admin(interaction: discord.Interaction) -> bool:
         bot, user, language = engine_of(interaction)
-        if bot.admin.is_admin(user.id):  # checked here: Discord's permission hints are not enforced for DMs
+        if bot.admin.is_admin(user.id):  # checked here too: a server's permission overrides are not ours
             return False
         await interaction.response.send_message(render("admin_only", language), ephemeral=True)
         return True
 
+    async def refuse(interaction: discord.Interaction, exc: EngineError, language: str) -> None:
+        """After a public deferral: replace the "thinking…" message by a refusal only the user sees."""
+        await interaction.delete_original_response()
+        await interaction.followup.send(render(exc.key, language, **exc.params), ephemeral=True)
+
+    def admin_command(name: str, description: str):
+        """Offered only where members have Administrator (never in DMs); `admins` is still checked."""
+        def register(callback):
+            command = app_commands.guild_only(app_commands.default_permissions(administrator=True)(callback))
+            return tree.command(name=name, description=description, guild=admin_guild)(command)
+        return register
+
     @tree.command(name="help", description="How to talk with your companion / 도움말")
     async def help_command(interaction: discord.Interaction) -> None:
-        _, _, language = engine_of(interaction)
-        await interaction.response.send_message(render("help_chat", language), ephemeral=True)
+        bot, user, language = engine_of(interaction)
+        await interaction.response.send_message(with_hint(render("help_chat", language),
+                                                          bot.engine.language_hint(user), language), ephemeral=True)
 
     @tree.command(name="reset", description="Start a new conversation / 새 대화")
     async def reset_command(interaction: discord.Interaction) -> None:
         bot, user, language = engine_of(interaction)
+        await interaction.response.defer(thinking=True)  # the reset waits for a reply being sampled
         try:
             opening = await bot.engine.reset(user)
         except EngineError as exc:  # too many in a minute
-            await interaction.response.send_message(render(exc.key, language, **exc.params), ephemeral=True)
+            await refuse(interaction, exc, language)
             return
-        await interaction.response.send_message(fit(f"{render('reset_done', language)}\n{opening.persona}: "
-                                                    f"{opening.greeting}"))
+        await interaction.followup.send(fit(with_hint(f"{render('reset_done', language)}\n{opening.persona}: "
+                                                      f"{opening.greeting}", opening.hint, language)))
 
     @tree.command(name="persona", description="List or switch personas / 페르소나")
     @app_commands.describe(name="persona key, e.g. haru or sam")
@@ -271,21 +361,24 @@ def add_commands(tree: app_commands.CommandTree) -> None:
             await interaction.response.send_message(render("persona_list", language, current=current,
                                                            personas=", ".join(bot.engine.personas.keys())))
             return
+        await interaction.response.defer(thinking=True)
         try:
             opening = await bot.engine.set_persona(user, name)
         except EngineError as exc:
-            await interaction.response.send_message(render(exc.key, language, **exc.params), ephemeral=True)
+            await refuse(interaction, exc, language)
             return
         language = bot.engine.language_of(user)
-        await interaction.response.send_message(fit(f"{render('persona_changed', language, name=opening.persona)}"
-                                                    f"\n{opening.persona}: {opening.greeting}"))
+        await interaction.followup.send(fit(with_hint(f"{render('persona_changed', language, name=opening.persona)}"
+                                                      f"\n{opening.persona}: {opening.greeting}", opening.hint,
+                                                      language)))
 
     @tree.command(name="start", description="Say hello / 시작")
     async def start_command(interaction: discord.Interaction) -> None:
         bot, user, language = engine_of(interaction)
+        await interaction.response.defer(thinking=True)
         opening = await bot.engine.open(user)
         text = f"{opening.persona}: {opening.greeting}" if opening.greeting else render("help_chat", language)
-        await interaction.response.send_message(fit(text))
+        await interaction.followup.send(fit(with_hint(text, opening.hint, language)))
 
     @tree.command(name="forget", description="Delete all my data / 내 데이터 지우기")
     async def forget_command(interaction: discord.Interaction) -> None:
@@ -301,19 +394,22 @@ def add_commands(tree: app_commands.CommandTree) -> None:
         bot, user, language = engine_of(interaction)
         if choice is None:
             key = "learning_status_on" if bot.engine.learning_enabled(user) else "learning_status_off"
-        else:
-            await bot.engine.set_learning(user, choice == "on")
-            key = "learning_on" if choice == "on" else "learning_off"
-        await interaction.response.send_message(render(key, language), ephemeral=True)
+            await interaction.response.send_message(render(key, language), ephemeral=True)
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        await bot.engine.set_learning(user, choice == "on")
+        await interaction.followup.send(render("learning_on" if choice == "on" else "learning_off", language),
+                                        ephemeral=True)
 
     @tree.command(name="export", description="My data as a JSON file / 내 데이터 받기")
     async def export_command(interaction: discord.Interaction) -> None:
         bot, user, language = engine_of(interaction)
+        await interaction.response.defer(ephemeral=True, thinking=True)
         data = json.dumps(await bot.engine.export(user), ensure_ascii=False, indent=2).encode()
-        await interaction.response.send_message(render("export_ready", language), ephemeral=True,
-                                                file=discord.File(io.BytesIO(data), filename="banryeo-export.json"))
+        await interaction.followup.send(render("export_ready", language), ephemeral=True,
+                                        file=discord.File(io.BytesIO(data), filename="banryeo-export.json"))
 
-    @tree.command(name="pause", description="Admin: pause learning")
+    @admin_command("pause", "Admin: pause learning")
     async def pause_command(interaction: discord.Interaction) -> None:
         if await refuse_non_admin(interaction):
             return
@@ -321,7 +417,7 @@ def add_commands(tree: app_commands.CommandTree) -> None:
         bot.admin.pause_learning(True)
         await interaction.response.send_message(render("learning_paused", language), ephemeral=True)
 
-    @tree.command(name="resume", description="Admin: resume learning")
+    @admin_command("resume", "Admin: resume learning")
     async def resume_command(interaction: discord.Interaction) -> None:
         if await refuse_non_admin(interaction):
             return
@@ -329,14 +425,14 @@ def add_commands(tree: app_commands.CommandTree) -> None:
         bot.admin.pause_learning(False)
         await interaction.response.send_message(render("learning_resumed", language), ephemeral=True)
 
-    @tree.command(name="status", description="Admin: generations and schedule")
+    @admin_command("status", "Admin: generations and schedule")
     async def status_command(interaction: discord.Interaction) -> None:
         if await refuse_non_admin(interaction):
             return
         bot, _, _ = engine_of(interaction)
         await interaction.response.send_message(fit(bot.admin.status_text()), ephemeral=True)
 
-    @tree.command(name="train", description="Admin: run the nightly training now")
+    @admin_command("train", "Admin: run the nightly training now")
     async def train_command(interaction: discord.Interaction) -> None:
         if await refuse_non_admin(interaction):
             return
@@ -344,7 +440,7 @@ def add_commands(tree: app_commands.CommandTree) -> None:
         await interaction.response.send_message(render("training_started", language), ephemeral=True)
         await interaction.followup.send(fit(await bot.admin.train_now_text(language)), ephemeral=True)
 
-    @tree.command(name="rollback", description="Admin: serve the previous generation")
+    @admin_command("rollback", "Admin: serve the previous generation")
     @app_commands.describe(lineage="a user id such as discord:1234, or shared", number="generation number")
     async def rollback_command(interaction: discord.Interaction, lineage: str, number: int | None = None) -> None:
         if await refuse_non_admin(interaction):
@@ -357,19 +453,20 @@ def add_commands(tree: app_commands.CommandTree) -> None:
             return
         await interaction.response.send_message(f"{lineage} -> {now_serving}", ephemeral=True)
 
-    @tree.command(name="stats", description="Admin: counts and the metrics chart")
+    @admin_command("stats", "Admin: counts and the metrics chart")
     @app_commands.describe(lineage="a user id such as discord:1234, or shared")
     async def stats_command(interaction: discord.Interaction, lineage: str | None = None) -> None:
         if await refuse_non_admin(interaction):
             return
         bot, _, _ = engine_of(interaction)
+        await interaction.response.defer(ephemeral=True, thinking=True)  # counting and drawing take a moment
         text = "\n".join(f"{k}: {v}" for k, v in bot.admin.stats().items())
         if lineage and bot.admin.generations(lineage):
             path = bot.settings.storage.data_dir.expanduser() / "charts" / "chart.png"
-            bot.admin.chart(lineage, path)
-            await interaction.response.send_message(text, file=discord.File(path), ephemeral=True)
+            await asyncio.to_thread(bot.admin.chart, lineage, path)
+            await interaction.followup.send(text, file=discord.File(path), ephemeral=True)
         else:
-            await interaction.response.send_message(text, ephemeral=True)
+            await interaction.followup.send(text, ephemeral=True)
 
 
 def create_discord_bot(engine: DialogueEngine, admin: Admin, settings: Settings, **options) -> CompanionBot:

@@ -17,6 +17,7 @@ their own adapter, so other users' picks and bookkeeping never wait on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from bot.config import Settings
 from bot.lineage import adapter_name, forget_generations, lineage_of, served_lineage
+from bot.messages import LANGUAGES
 from bot.model import ModelBackend, Sample
 from bot.prompt import Prompt, Turn, build_prompt, clean_reply, shorten
 from bot.serving import AdapterError, AdapterRef, Generator, LocalGenerator
@@ -56,6 +58,7 @@ class UserRef:
     platform_id: str
     display_name: str = ""
     chat: str = ""  # where they talk: '' their private chat, else a group's or channel's id (its own conversation)
+    locale: str = ""  # their app's language as the platform reports it ("ko", "en-US"); "" when it does not
 
     @property
     def id(self) -> str:
@@ -92,6 +95,36 @@ class Picked:
 class Opening:
     greeting: str | None             # None: the conversation was already going
     persona: str
+    hint: Notice | None = None       # the persona speaks another language than the user's app (language_hint)
+
+
+class UserLocks:
+    """One asyncio.Lock per user, kept only while someone holds or waits for it (no dict of every user ever)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._holders: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, user_id: str):
+        lock = self._locks.setdefault(user_id, asyncio.Lock())
+        self._holders[user_id] = self._holders.get(user_id, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._holders[user_id] -= 1
+            if not self._holders[user_id]:
+                del self._holders[user_id], self._locks[user_id]
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+def client_language(locale: str) -> str | None:
+    """The bot's language for a platform's locale code ("en-US" -> "en"), None when it has no texts in it."""
+    code = locale.split("-")[0].split("_")[0].lower()
+    return code if code in LANGUAGES else None
 
 
 class DialogueEngine:
@@ -102,8 +135,9 @@ class DialogueEngine:
         self.personas = personas
         self.settings = settings
         self.generator = generator if generator is not None else LocalGenerator(backend, settings.serving)
-        self._user_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._user_locks = UserLocks()
         self._recent: defaultdict[str, deque[float]] = defaultdict(deque)  # per user: times of recent requests
+        self._recent_pruned = time.monotonic()
         self._broken: set[str] = set()  # adapters that failed to load; their parents serve instead
 
     def close(self) -> None:
@@ -121,18 +155,43 @@ class DialogueEngine:
             return self.personas.get(self._default_persona_key())
 
     def language_of(self, user: UserRef) -> str:
-        row = self.store.user(user.id)
-        if row and row["language"]:
-            return row["language"]
-        return self.settings.chat.language or self.persona_of(user).language
+        """The language of the bot's own messages: `chat.language` when set, else the language of the user's
+        app (reported with this event or remembered from an earlier one), else the persona's."""
+        if self.settings.chat.language:
+            return self.settings.chat.language
+        remembered = self.store.user(user.id)
+        return (client_language(user.locale) or (remembered and remembered["language"])
+                or self.persona_of(user).language)
+
+    def language_hint(self, user: UserRef) -> Notice | None:
+        """When the persona speaks another language than the bot's messages: say so, and name a persona
+        that speaks the user's language (if one ships)."""
+        card = self.persona_of(user)
+        language = self.language_of(user)
+        if card.language == language:
+            return None
+        others = [key for key in self.personas.keys() if self._card_language(key) == language]
+        if not others:
+            return Notice("persona_language_note", {"persona": card.name})
+        return Notice("persona_language_hint", {"persona": card.name, "suggestion": others[0]})
+
+    def _card_language(self, key: str) -> str | None:
+        try:
+            return self.personas.get(key).language
+        except PersonaError:
+            return None
 
     def _default_persona_key(self) -> str:
         return self.settings.chat.persona if self.settings.chat.persona in self.personas.keys() else \
             PersonaLibrary.DEFAULT_KEY
 
     def _ensure_user(self, user: UserRef) -> dict:
-        return self.store.ensure_user(user.id, user.platform, user.platform_id, user.display_name,
-                                      self._default_persona_key())
+        row = self.store.ensure_user(user.id, user.platform, user.platform_id, user.display_name,
+                                     self._default_persona_key())
+        language = client_language(user.locale)
+        if language and row["language"] != language:  # remembered for events that carry no locale
+            self.store.update_user(user.id, language=language)
+        return row
 
     def _start_conversation(self, user: UserRef) -> tuple[int, str]:
         card = self.persona_of(user)
@@ -143,13 +202,13 @@ class DialogueEngine:
 
     async def open(self, user: UserRef) -> Opening:
         """Make sure the user has a conversation; returns its greeting when one was started."""
-        async with self._user_locks[user.id]:
+        async with self._user_locks.hold(user.id):
             self._ensure_user(user)
             card = self.persona_of(user)
             if self.store.active_conversation(user.id, user.chat):
-                return Opening(None, card.name)
+                return Opening(None, card.name, self.language_hint(user))
             _, greeting = self._start_conversation(user)
-            return Opening(greeting, card.name)
+            return Opening(greeting, card.name, self.language_hint(user))
 
     async def on_message(self, user: UserRef, text: str) -> CandidateSet:
         """Store the user's message and offer candidate replies for it."""
@@ -157,7 +216,7 @@ class DialogueEngine:
         if not text:
             raise EngineError("empty_message")
         self._admit(user)
-        async with self._user_locks[user.id]:
+        async with self._user_locks.hold(user.id):
             self._ensure_user(user)
             opening = None
             conversation = self.store.active_conversation(user.id, user.chat)
@@ -169,6 +228,9 @@ class DialogueEngine:
             turn_id = self.store.add_turn(conversation_id, user.id, "user", text, "typed")
             offer = await self._offer(user, conversation_id, turn_id)
             offer.opening = opening
+            hint = self.language_hint(user) if opening else None
+            if hint:  # a first conversation: say which language the persona speaks
+                offer.notices.insert(0, hint)
             return offer
 
     async def regenerate(self, user: UserRef, set_id: str | None = None) -> CandidateSet:
@@ -177,7 +239,7 @@ class DialogueEngine:
         With `set_id` (a 🔄 pressed on a particular offer) that offer must be the user's open one.
         """
         self._admit(user)
-        async with self._user_locks[user.id]:
+        async with self._user_locks.hold(user.id):
             if set_id is not None:
                 self.check_open(user, set_id)
             conversation = self.store.active_conversation(user.id, user.chat)
@@ -199,7 +261,7 @@ class DialogueEngine:
 
     async def on_pick(self, user: UserRef, set_id: str, index: int) -> Picked:
         """Record that `user` chose candidate `index` (0-based) of set `set_id`."""
-        async with self._user_locks[user.id]:
+        async with self._user_locks.hold(user.id):
             offer = self.store.candidate_set(set_id)
             if offer is None or offer["user_id"] != user.id:
                 raise EngineError("pick_unknown")
@@ -222,7 +284,7 @@ class DialogueEngine:
         Returns False when there is no picked reply of this user to rate (an open or someone else's set).
         Thumbs are unpaired feedback for the KTO stage of the nightly training.
         """
-        async with self._user_locks[user.id]:
+        async with self._user_locks.hold(user.id):
             offer = self.store.candidate_set(set_id)
             pick = self.store.pick_of(set_id) if offer is not None and offer["user_id"] == user.id else None
             if pick is None:
@@ -236,10 +298,10 @@ class DialogueEngine:
     async def reset(self, user: UserRef) -> Opening:
         """End the conversation (it stays stored) and start a new one."""
         self._rate_limit(user)
-        async with self._user_locks[user.id]:
+        async with self._user_locks.hold(user.id):
             self._ensure_user(user)
             _, greeting = self._start_conversation(user)
-            return Opening(greeting, self.persona_of(user).name)
+            return Opening(greeting, self.persona_of(user).name, self.language_hint(user))
 
     async def set_persona(self, user: UserRef, key: str) -> Opening:
         """Switch the user's persona; a new conversation starts with its greeting."""
@@ -248,15 +310,15 @@ class DialogueEngine:
         except PersonaError:
             raise EngineError("persona_unknown", key=key, personas=", ".join(self.personas.keys())) from None
         self._rate_limit(user)
-        async with self._user_locks[user.id]:
+        async with self._user_locks.hold(user.id):
             self._ensure_user(user)
             self.store.update_user(user.id, persona=card.key)
             _, greeting = self._start_conversation(user)
-            return Opening(greeting, card.name)
+            return Opening(greeting, card.name, self.language_hint(user))
 
     async def set_learning(self, user: UserRef, enabled: bool) -> None:
         """Opt out of (or back into) learning: picks and thumbs stay stored but no training run uses them."""
-        async with self._user_locks[user.id]:
+        async with self._user_locks.hold(user.id):
             self._ensure_user(user)
             self.store.update_user(user.id, learning_opt_out=0 if enabled else 1)
 
@@ -267,17 +329,17 @@ class DialogueEngine:
     # -- the user's own data ---------------------------------------------------------------------
 
     async def export(self, user: UserRef) -> dict:
-        """Everything stored about `user`, as JSON-ready data."""
-        async with self._user_locks[user.id]:
-            return self.store.export_user(user.id)
+        """Everything stored about `user`, as JSON-ready data (read off the event loop: it can be large)."""
+        async with self._user_locks.hold(user.id):
+            return await asyncio.to_thread(self.store.export_user, user.id)
 
     async def forget(self, user: UserRef) -> None:
         """Delete the user's conversations, picks and reactions, and their own generations: rows, adapter
         folders (partial ones too), the served copies in the generator and what the nightly summaries
         kept. A night training on their picks right now discards its result (training/rollover.py)."""
-        async with self._user_locks[user.id]:
-            self.store.forget_user(user.id)
-            forget_generations(self.store, self.settings, user.id)
+        async with self._user_locks.hold(user.id):
+            await asyncio.to_thread(self.store.forget_user, user.id)
+            await asyncio.to_thread(forget_generations, self.store, self.settings, user.id)
             own = served_lineage(user.id)
             self._broken = {name for name in self._broken if not name.startswith(own + "-gen-")}
             await self.generator.evict_lineage(own)
@@ -294,6 +356,10 @@ class DialogueEngine:
     def _rate_limit(self, user: UserRef) -> None:
         """At most `chat.messages_per_minute` messages, regenerates, resets and persona switches a minute."""
         now = time.monotonic()
+        if now - self._recent_pruned > 60:  # drop users quiet for a minute: the dict holds only active ones
+            self._recent_pruned = now
+            for quiet in [key for key, times in self._recent.items() if not times or now - times[-1] > 60]:
+                del self._recent[quiet]
         recent = self._recent[user.id]
         while recent and now - recent[0] > 60:
             recent.popleft()
@@ -309,21 +375,8 @@ class DialogueEngine:
 
     async def _offer(self, user: UserRef, conversation_id: int, user_turn_id: int) -> CandidateSet:
         card = self.persona_of(user)
-        limit = self.settings.chat.max_message_chars
-        notices = []
-        history = []
-        for row in self.store.turns(conversation_id):
-            text, was_cut = shorten(row["text"], limit)
-            history.append(Turn(row["role"], text))
-            if was_cut and row["id"] == user_turn_id:
-                notices.append(Notice("message_shortened", {"length": len(row["text"]), "limit": limit}))
-        prompt = build_prompt(card, history, count_tokens=self.backend.count_tokens,
-                              budget=self.settings.chat.max_context_tokens,
-                              chat_template=self.backend.chat_prompt if self.backend.use_chat_template else None,
-                              special_tokens=self.backend.special_tokens)
-        if prompt.shortened_last and not notices:
-            newest = history[-1].text
-            notices.append(Notice("message_shortened", {"length": len(newest), "limit": len(newest)}))
+        # reading a long conversation and counting its tokens: off the event loop, where others' events wait
+        prompt, notices = await asyncio.to_thread(self._prompt, card, conversation_id, user_turn_id)
         texts, raw, adapter = await self._sample_distinct(prompt, card, user)
         generation = adapter.name if adapter else self.backend.generation
         wanted = self.settings.sampling.candidates
@@ -342,6 +395,25 @@ class DialogueEngine:
         if auto:
             self.store.record_pick(self.store.candidate_set(set_id), 0, auto=True)
         return CandidateSet(set_id, texts, notices, auto_picked=auto, generation=generation)
+
+    def _prompt(self, card: PersonaCard, conversation_id: int, user_turn_id: int) -> tuple[Prompt, list[Notice]]:
+        """The prompt for the conversation's newest message, and a notice when that message was shortened."""
+        limit = self.settings.chat.max_message_chars
+        notices = []
+        history = []
+        for row in self.store.turns(conversation_id):
+            text, was_cut = shorten(row["text"], limit)
+            history.append(Turn(row["role"], text))
+            if was_cut and row["id"] == user_turn_id:
+                notices.append(Notice("message_shortened", {"length": len(row["text"]), "limit": limit}))
+        prompt = build_prompt(card, history, count_tokens=self.backend.count_tokens,
+                              budget=self.settings.chat.max_context_tokens,
+                              chat_template=self.backend.chat_prompt if self.backend.use_chat_template else None,
+                              special_tokens=self.backend.special_tokens)
+        if prompt.shortened_last and not notices:
+            newest = history[-1].text
+            notices.append(Notice("message_shortened", {"length": len(newest), "limit": len(newest)}))
+        return prompt, notices
 
     def _serving_adapter(self, user: UserRef) -> AdapterRef | None:
         """The adapter of the generation served to `user` now (None: the base model).

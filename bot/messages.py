@@ -62,6 +62,14 @@ MESSAGES: dict[str, dict[str, str]] = {
               "  /help       this help\n"
               "A new message without a pick skips those candidates and I answer the new message.",
     },
+    "persona_language_hint": {
+        "ko": "{persona}은(는) 다른 언어로 대답해. 한국어로 이야기하려면 /persona {suggestion}",
+        "en": "{persona} answers in another language. For an English-speaking companion: /persona {suggestion}",
+    },
+    "persona_language_note": {
+        "ko": "{persona}은(는) 다른 언어로 대답해.",
+        "en": "{persona} answers in another language.",
+    },
     "choose_chat": {
         "ko": "마음에 드는 답장을 골라 줘 (1-{count}). 🔄 다시 뽑기",
         "en": "Pick the reply you like (1-{count}). 🔄 new candidates",
@@ -250,6 +258,11 @@ def render(key: str, language: str | None, **params: object) -> str:
     """The message `key` in `language` (Korean when unknown), filled with `params`."""
     texts = MESSAGES[key]
     return texts.get(language or "ko", texts["ko"]).format(**params)
+
+
+def with_hint(text: str, hint, language: str | None) -> str:
+    """`text` followed by the engine's language hint (a Notice, or None), when there is one."""
+    return f"{text}\n\n{render(hint.key, language, **hint.params)}" if hint else text
 
 
 NUMBERS = ("1️⃣", "2️⃣", "3️⃣", "4️⃣", "5️⃣")

@@ -12,6 +12,7 @@ or local folder works through `model.name` (offline: ids must already be in the 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -173,7 +174,14 @@ class ModelBackend:
         return ControlTokens([*self.tokenizer.all_special_tokens, *added])
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+        """Tokens in `text`; safe to call from any thread while the generator's worker tokenizes batches."""
+        return len(self._counting_tokenizer(text, add_special_tokens=False).input_ids)
+
+    @functools.cached_property
+    def _counting_tokenizer(self):
+        # A copy of its own: a fast tokenizer switches padding on for the worker's batches and off for a
+        # count, and two threads doing that to one tokenizer fail with "Already borrowed".
+        return copy.deepcopy(self.tokenizer)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """Render messages with the tokenizer's chat template, ready for the assistant's turn."""

@@ -40,7 +40,7 @@ from telegram.ext import (AIORateLimiter, Application, ApplicationBuilder, Callb
 from bot.admin import Admin
 from bot.config import ConfigError, Settings
 from bot.engine import CandidateSet, DialogueEngine, EngineError, Opening, UserRef
-from bot.messages import NUMBERS, numbered_offer, render
+from bot.messages import NUMBERS, numbered_offer, render, with_hint
 from bot.messages import fit as fit_within
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ ADMIN_COMMANDS = {
 def user_ref(user: TelegramUser, chat: Chat | None = None) -> UserRef:
     """The engine's user; in a group, with the group's id so it gets its own conversation (never the DM's)."""
     in_group = chat is not None and chat.type != ChatType.PRIVATE
-    return UserRef(PLATFORM, str(user.id), user.full_name, str(chat.id) if in_group else "")
+    return UserRef(PLATFORM, str(user.id), user.full_name, str(chat.id) if in_group else "",
+                   locale=user.language_code or "")
 
 
 def fit(text: str, limit: int = MESSAGE_LIMIT) -> str:
@@ -266,11 +267,15 @@ class TelegramCompanion:
         user = user_ref(update.effective_user, update.effective_chat)
         opening = await self.engine.open(user)
         text = f"{opening.persona}: {opening.greeting}" if opening.greeting else render("help_chat", self.language(user))
-        await update.effective_message.reply_text(fit(text))
+        await update.effective_message.reply_text(fit(with_hint(text, opening.hint, self.language(user))))
 
     async def cmd_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        if self.addressed(update, context):
-            await update.effective_message.reply_text(render("help_chat", self.language(user_ref(update.effective_user, update.effective_chat))))
+        if not self.addressed(update, context):
+            return
+        user = user_ref(update.effective_user, update.effective_chat)
+        language = self.language(user)
+        await update.effective_message.reply_text(with_hint(render("help_chat", language),
+                                                            self.engine.language_hint(user), language))
 
     async def cmd_reset(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not self.addressed(update, context):
@@ -281,7 +286,7 @@ class TelegramCompanion:
         except EngineError as exc:  # too many in a minute
             await update.effective_message.reply_text(render(exc.key, self.language(user), **exc.params))
             return
-        await reply_with_opening(update, render("reset_done", self.language(user)), opening)
+        await reply_with_opening(update, render("reset_done", self.language(user)), opening, self.language(user))
 
     async def cmd_regen(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not self.addressed(update, context):
@@ -303,7 +308,8 @@ class TelegramCompanion:
         except EngineError as exc:
             await update.effective_message.reply_text(render(exc.key, self.language(user), **exc.params))
             return
-        await reply_with_opening(update, render("persona_changed", self.language(user), name=opening.persona), opening)
+        await reply_with_opening(update, render("persona_changed", self.language(user), name=opening.persona), opening,
+                                 self.language(user))
 
     async def cmd_learning(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not self.addressed(update, context):
@@ -459,9 +465,10 @@ async def typing(context: ContextTypes.DEFAULT_TYPE, chat_id: int):
         task.cancel()
 
 
-async def reply_with_opening(update: Update, header: str, opening: Opening) -> None:
+async def reply_with_opening(update: Update, header: str, opening: Opening, language: str) -> None:
     """A confirmation followed by the persona's greeting that opens the new conversation."""
-    await update.effective_message.reply_text(fit(f"{header}\n{opening.persona}: {opening.greeting}"))
+    await update.effective_message.reply_text(fit(with_hint(f"{header}\n{opening.persona}: {opening.greeting}",
+                                                            opening.hint, language)))
 
 
 async def edit_text(message: Message | None, text: str, markup: InlineKeyboardMarkup | None) -> None:

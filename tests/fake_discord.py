@@ -3,7 +3,10 @@
 The real discord.py client logs in over REST, opens the gateway, receives READY, and then gets
 whatever the test dispatches (DM messages, reactions, interactions). Every REST call the bot makes is
 recorded in `calls`; `wait_for` waits for one. Like real Discord, the bot's own messages and reactions
-are echoed back as gateway events, so a bot that forgets to ignore itself fails the tests.
+are echoed back as gateway events, so a bot that forgets to ignore itself fails the tests; an
+interaction must be answered (or deferred) once, within `interaction_deadline` seconds, or its
+callback fails with "Unknown interaction"; a command can only be invoked where it is offered (its
+`contexts`, and guild commands only in their guild).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 from datetime import datetime, timezone
 
 from aiohttp import WSMsgType, web
@@ -31,6 +35,12 @@ class FakeDiscord:
         self.changed = asyncio.Condition()
         self.messages: dict[str, dict] = {}
         self.commands: list[dict] = []
+        self.guild_commands: dict[str, list[dict]] = {}   # guild id -> commands synced to that guild only
+        self.interaction_deadline = 3.0              # seconds Discord waits for the first answer
+        self.interactions: dict[str, float] = {}    # id -> when it was sent (removed once answered)
+        self.late_callbacks: list[str] = []          # interactions answered too late, or twice
+        self.typing_status: dict[str, int] = {}      # channel -> error status for its typing calls
+        self.guild_channels = {"600": "900"}         # server channels tests use -> their guild
         self.identify: dict | None = None
         self.resumes: list[dict] = []               # RESUME payloads (op 6) after a dropped connection
         self.connections = 0
@@ -53,15 +63,17 @@ class FakeDiscord:
         app.router.add_get(api + "/oauth2/applications/@me", self._app_info)
         app.router.add_get(api + "/gateway/bot", self._gateway_bot)
         app.router.add_put(api + "/applications/{app}/commands", self._sync_commands)
+        app.router.add_put(api + "/applications/{app}/guilds/{guild}/commands", self._sync_guild_commands)
         app.router.add_post(api + "/channels/{channel}/messages", self._send_message)
         app.router.add_patch(api + "/channels/{channel}/messages/{message}", self._edit_message)
         app.router.add_put(api + "/channels/{channel}/messages/{message}/reactions/{emoji}/@me", self._react)
         app.router.add_delete(api + "/channels/{channel}/messages/{message}/reactions", self._no_content)
-        app.router.add_post(api + "/channels/{channel}/typing", self._no_content)
+        app.router.add_post(api + "/channels/{channel}/typing", self._typing)
         app.router.add_post(api + "/users/@me/channels", self._create_dm)
         app.router.add_post(api + "/interactions/{id}/{token}/callback", self._interaction_callback)
         app.router.add_post(api + "/webhooks/{app}/{token}", self._followup)
         app.router.add_patch(api + "/webhooks/{app}/{token}/messages/@original", self._followup)
+        app.router.add_delete(api + "/webhooks/{app}/{token}/messages/@original", self._no_content)
         self.runner = web.AppRunner(app, access_log=None)  # its request lines are the server's logs, not the bot's
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -96,10 +108,13 @@ class FakeDiscord:
         await self.dispatch("MESSAGE_CREATE", message)
         return message
 
-    async def react(self, user_id: str, message_id: str, emoji: str, channel: str = "500") -> None:
-        await self.dispatch("MESSAGE_REACTION_ADD", {"user_id": user_id, "channel_id": channel,
-                                                     "message_id": message_id, "emoji": {"id": None, "name": emoji},
-                                                     "burst": False, "type": 0})
+    async def react(self, user_id: str, message_id: str, emoji: str, channel: str = "500",
+                    guild: str | None = None) -> None:
+        event = {"user_id": user_id, "channel_id": channel, "message_id": message_id,
+                 "emoji": {"id": None, "name": emoji}, "burst": False, "type": 0}
+        if guild is not None:
+            event["guild_id"] = guild
+        await self.dispatch("MESSAGE_REACTION_ADD", event)
 
     async def unreact(self, user_id: str, message_id: str, emoji: str, channel: str = "500") -> None:
         await self.dispatch("MESSAGE_REACTION_REMOVE", {"user_id": user_id, "channel_id": channel,
@@ -112,21 +127,42 @@ class FakeDiscord:
         await self.ws.close(code=code, message=b"unknown error")
 
     async def interaction(self, author: dict, data: dict, kind: int = 2, message: dict | None = None,
-                          channel: str = "500") -> str:
+                          channel: str = "500", guild: str | None = None, locale: str = "ko",
+                          permissions: str = "0") -> str:
+        """An interaction in a DM, or in `guild`'s `channel` by a member with `permissions`."""
         interaction_id = str(next(self._ids))
         payload = {"id": interaction_id, "application_id": APP_ID, "type": kind, "token": f"itok-{interaction_id}",
                    "version": 1, "channel_id": channel, "channel": {"id": channel, "type": 1}, "user": author,
-                   "locale": "ko", "attachment_size_limit": 10485760, "app_permissions": "0", "entitlements": [],
+                   "locale": locale, "attachment_size_limit": 10485760, "app_permissions": "0", "entitlements": [],
                    "authorizing_integration_owners": {"1": author["id"]}, "context": 1, "data": data}
+        if guild is not None:  # in a server Discord sends the member (with their permissions), not the user
+            del payload["user"]
+            payload.update(guild_id=guild, context=0, guild_locale="ko",
+                           channel={"id": channel, "type": 0, "guild_id": guild, "name": "general", "position": 0,
+                                    "permission_overwrites": [], "nsfw": False, "parent_id": None},
+                           authorizing_integration_owners={"0": guild},
+                           member={"user": author, "roles": [], "joined_at": _now(), "deaf": False, "mute": False,
+                                   "flags": 0, "permissions": permissions})
         if message is not None:
             payload["message"] = message
+        self.interactions[interaction_id] = time.monotonic()
         await self.dispatch("INTERACTION_CREATE", payload)
         return interaction_id
 
-    async def slash(self, author: dict, name: str, options: list[dict] | None = None) -> str:
-        command = next(c for c in self.commands if c["name"] == name)  # only synced commands exist
-        return await self.interaction(author, {"id": command["id"], "name": name, "type": 1,
-                                               "options": options or []})
+    async def slash(self, author: dict, name: str, options: list[dict] | None = None, guild: str | None = None,
+                    permissions: str = "0", locale: str = "ko") -> str:
+        """Invoke a command the way a user can: only one offered where they are (DM or `guild`)."""
+        offered = [*self.commands, *self.guild_commands.get(guild, [])] if guild else self.commands
+        command = next((c for c in offered if c["name"] == name), None)
+        if command is None:
+            raise LookupError(f"/{name} is not offered {'in guild ' + guild if guild else 'in DMs'}")
+        if not guild and 1 not in (command.get("contexts") or [0, 1, 2]):
+            raise LookupError(f"/{name} is not offered in DMs (contexts {command.get('contexts')})")
+        data = {"id": command["id"], "name": name, "type": 1, "options": options or []}
+        if "guild_id" in command:  # a guild command says so, and the client looks it up there
+            data["guild_id"] = command["guild_id"]
+        return await self.interaction(author, data, guild=guild, permissions=permissions,
+                                      channel="600" if guild else "500", locale=locale)
 
     async def click(self, author: dict, message_id: str, custom_id: str) -> str:
         return await self.interaction(author, {"custom_id": custom_id, "component_type": 2}, kind=3,
@@ -194,9 +230,23 @@ class FakeDiscord:
             "total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1}})
 
     async def _sync_commands(self, request) -> web.Response:
-        self.commands = [{**c, "id": str(next(self._ids)), "application_id": APP_ID, "version": "1",
-                          "type": c.get("type", 1)} for c in (request.body or [])]
+        self.commands = self._registered(request.body)
         return self._json(self.commands)
+
+    async def _sync_guild_commands(self, request) -> web.Response:
+        guild = request.match_info["guild"]
+        self.guild_commands[guild] = [{**c, "guild_id": guild} for c in self._registered(request.body)]
+        return self._json(self.guild_commands[guild])
+
+    def _registered(self, commands) -> list[dict]:
+        return [{**c, "id": str(next(self._ids)), "application_id": APP_ID, "version": "1", "type": c.get("type", 1)}
+                for c in (commands or [])]
+
+    async def _typing(self, request) -> web.Response:
+        status = self.typing_status.get(request.match_info["channel"])
+        if status:
+            return self._json({"message": "Missing Access", "code": 50001}, status=status)
+        return web.Response(status=204)
 
     async def _send_message(self, request) -> web.Response:
         if request.match_info["channel"] in self.blocked_channels:
@@ -217,8 +267,9 @@ class FakeDiscord:
     async def _react(self, request) -> web.Response:
         message_id = request.match_info["message"]
         emoji = request.match_info["emoji"]
+        guild = self.guild_channels.get(request.match_info["channel"])
         asyncio.get_running_loop().create_task(self.react(BOT_USER["id"], message_id, emoji,
-                                                          request.match_info["channel"]))  # echo
+                                                          request.match_info["channel"], guild))  # echo
         return web.Response(status=204)
 
     async def _create_dm(self, request) -> web.Response:
@@ -226,6 +277,12 @@ class FakeDiscord:
         return self._json({"id": "500", "type": 1, "recipients": [user(int(recipient), "someone")]})
 
     async def _interaction_callback(self, request) -> web.Response:
+        sent = self.interactions.pop(request.match_info["id"], None)
+        if sent is None or time.monotonic() - sent > self.interaction_deadline:
+            self.late_callbacks.append(request.match_info["id"])
+            if sent is None:
+                return self._json({"message": "Interaction has already been acknowledged.", "code": 40060}, 400)
+            return self._json({"message": "Unknown interaction", "code": 10062}, status=404)
         body = request.body if isinstance(request.body, dict) else {}
         message = self._message("500", body.get("data") or {})
         self.messages[message["id"]] = message  # the response message, so its buttons can be clicked

@@ -54,6 +54,22 @@ def bot_store(fake):
     return fake.bot.engine.store
 
 
+async def answer(fake, at: int, timeout: float = 60):
+    """What the user is shown for the interaction sent after call `at`: the callback's message, or, after a
+    deferral, the followup (type 5) or the edit of the pressed message (type 6) it promised."""
+    index, callback = await fake.wait_for("POST", "/callback", after=at, timeout=timeout)
+    if callback["type"] == 5:
+        return (await fake.wait_for("POST", "/webhooks/", after=index + 1, timeout=timeout))[1]
+    if callback["type"] == 6:
+        return (await fake.wait_for("PATCH", "/messages/@original", after=index + 1, timeout=timeout))[1]
+    return callback["data"]
+
+
+def pick_buttons(body) -> list[str]:
+    return [c["custom_id"] for row in body["components"] for c in row["components"]
+            if c["custom_id"].startswith("banryeo:pick:")]
+
+
 async def test_dm_offer_reaction_pick_and_edit(discord_env, engine):
     fake, bot = discord_env
     assert fake.identify["intents"] & (1 << 12) and fake.identify["intents"] & (1 << 13)  # DM messages, reactions
@@ -110,7 +126,7 @@ async def test_buttons_pick_through_interactions(discord_env, engine, settings):
     fake, bot = discord_env
     settings.discord.pick_with = "buttons"
     message_id, body = await send_and_get_offer(fake)
-    custom_ids = [c["custom_id"] for row in body["components"] for c in row["components"]]
+    custom_ids = pick_buttons(body)
     set_id = engine.store.set_for_message("discord", message_id)
     assert custom_ids[0] == f"banryeo:pick:{set_id}:0"
     assert fake.count("PUT", "/reactions/") == 0
@@ -122,7 +138,7 @@ async def test_buttons_pick_through_interactions(discord_env, engine, settings):
     assert edit["components"] == [] and engine.store.pick_of(set_id)["idx"] == len(custom_ids) - 1
 
     message_id, body = await send_and_get_offer(fake, text="또 왔어")
-    custom_ids = [c["custom_id"] for row in body["components"] for c in row["components"]]
+    custom_ids = pick_buttons(body)
     at = len(fake.calls)
     await fake.click(MALLORY, message_id, custom_ids[0])  # someone else presses Alice's button
     _, refusal = await fake.wait_for("POST", "/webhooks/", after=at)
@@ -132,20 +148,26 @@ async def test_buttons_pick_through_interactions(discord_env, engine, settings):
 
 async def test_admin_commands_only_for_admins(discord_env, engine):
     fake, bot = discord_env
+    admin_commands = [c for c in fake.commands if c["name"] in ("status", "train", "rollback", "stats", "pause",
+                                                                 "resume")]
+    assert len(admin_commands) == 6  # in no one's DM menu; in servers only for members with Administrator
+    assert all(c["contexts"] == [0] and str(c["default_member_permissions"]) == "8" for c in admin_commands)
+    with pytest.raises(LookupError):
+        await fake.slash(ADMIN, "status")
     at = len(fake.calls)
-    await fake.slash(MALLORY, "status")
+    await fake.slash(MALLORY, "status", guild="900", permissions="8")  # a server admin is not a bot admin
     _, refused = await fake.wait_for("POST", "/callback", after=at)
     assert refused["data"]["flags"] & 64 and "관리자만" in refused["data"]["content"]
     at = len(fake.calls)
-    await fake.slash(ADMIN, "status")
+    await fake.slash(ADMIN, "status", guild="900", permissions="8")
     _, status = await fake.wait_for("POST", "/callback", after=at)
     assert "serving" in status["data"]["content"]
     at = len(fake.calls)
-    await fake.slash(MALLORY, "rollback", [{"name": "lineage", "type": 3, "value": "discord:42"}])
+    await fake.slash(MALLORY, "rollback", [{"name": "lineage", "type": 3, "value": "discord:42"}], guild="900")
     _, refused = await fake.wait_for("POST", "/callback", after=at)
     assert "관리자만" in refused["data"]["content"]
     at = len(fake.calls)
-    await fake.slash(ADMIN, "train")
+    await fake.slash(ADMIN, "train", guild="900", permissions="8")
     _, started = await fake.wait_for("POST", "/callback", after=at)
     _, finished = await fake.wait_for("POST", "/webhooks/", after=at, timeout=120)
     assert "학습을 시작할게" in started["data"]["content"] and "학습 끝" in finished["content"]
@@ -155,12 +177,13 @@ async def test_user_commands_and_guilds(discord_env, engine):
     fake, bot = discord_env
     at = len(fake.calls)
     await fake.slash(ALICE, "persona", [{"name": "name", "type": 3, "value": "sam"}])
-    _, switched = await fake.wait_for("POST", "/callback", after=at)
-    assert "Switched to Sam" in switched["data"]["content"]
+    switched = await answer(fake, at)  # Alice's Discord app is in Korean: the bot's words stay Korean
+    assert "Sam(으)로 바꿨어" in switched["content"] and "\nSam: " in switched["content"]
+    assert "Sam은(는) 다른 언어로 대답해. 한국어로 이야기하려면 /persona haru" in switched["content"]
     at = len(fake.calls)
     await fake.slash(ALICE, "learning", [{"name": "choice", "type": 3, "value": "off"}])
-    _, reply = await fake.wait_for("POST", "/callback", after=at)
-    assert "/learning on" in reply["data"]["content"] and engine.store.user("discord:42")["learning_opt_out"] == 1
+    reply = await answer(fake, at)
+    assert "/learning on" in reply["content"] and engine.store.user("discord:42")["learning_opt_out"] == 1
     at = len(fake.calls)
     await fake.slash(ALICE, "help")
     _, helped = await fake.wait_for("POST", "/callback", after=at)
@@ -232,7 +255,7 @@ async def test_export_forget_with_confirmation_and_pause(discord_env, engine):
     await send_and_get_offer(fake)
     at = len(fake.calls)
     await fake.slash(ALICE, "export")
-    _, exported = await fake.wait_for("POST", "/callback", after=at)
+    exported = await answer(fake, at)
     assert isinstance(exported, bytes) and b"banryeo-export-1" in exported and b'"discord:42"' in exported
 
     at = len(fake.calls)
@@ -248,16 +271,16 @@ async def test_export_forget_with_confirmation_and_pause(discord_env, engine):
     at = len(fake.calls)
     assert engine.store.user("discord:42") is not None
     await fake.click(ALICE, confirm["id"], buttons[0])
-    _, done = await fake.wait_for("POST", "/callback", after=at)
-    assert done["type"] == 7 and "다 지웠어" in done["data"]["content"]
+    done = await answer(fake, at)
+    assert "다 지웠어" in done["content"] and done["components"] == []
     assert engine.store.user("discord:42") is None and engine.store.stats()["candidate_sets"] == 0
 
     at = len(fake.calls)
-    await fake.slash(MALLORY, "pause")
+    await fake.slash(MALLORY, "pause", guild="900")
     _, refused = await fake.wait_for("POST", "/callback", after=at)
     assert "관리자만" in refused["data"]["content"] and engine.store.flag("learning_paused") is None
     at = len(fake.calls)
-    await fake.slash(ADMIN, "pause")
+    await fake.slash(ADMIN, "pause", guild="900", permissions="8")
     await fake.wait_for("POST", "/callback", after=at)
     assert engine.store.flag("learning_paused") == "1"
 
@@ -361,6 +384,143 @@ async def test_a_server_channel_never_sees_the_private_conversation(discord_env,
     assert "hunter2" in prompts[0] and "다들 안녕!" in prompts[-1] and "hunter2" not in prompts[-1]
     chats = [row["chat"] for row in engine.store.db.query("SELECT chat FROM conversations ORDER BY id")]
     assert chats == ["", "600"]  # one conversation in the DM, one in the channel
+
+
+async def test_the_users_app_language_chooses_the_bots_words(discord_env, engine):
+    fake, bot = discord_env
+    bob = user(77, "bob")
+    at = len(fake.calls)
+    await fake.slash(bob, "start", locale="en-US")
+    hello = await answer(fake, at)
+    assert hello["content"].startswith("하루: ")  # the persona speaks Korean; the bot's own words follow the app
+    assert "하루 answers in another language. For an English-speaking companion: /persona sam" in hello["content"]
+    message_id, body = await send_and_get_offer(fake, author=bob, text="hi!")  # a message carries no locale
+    assert "Pick the reply you like" in body["content"]  # remembered from the command
+    at = len(fake.calls)
+    await fake.slash(bob, "help", locale="ko")  # the app switched to Korean
+    helped = await answer(fake, at)
+    assert helped["content"].startswith("말을 걸면") and "다른 언어" not in helped["content"]  # 하루 speaks Korean
+
+
+class HeldGenerator:
+    """The engine's real generator, except that sampling waits for the test's cue: a reply that takes as
+    long as the test wants (the embedded model on a busy CPU takes seconds)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.sampling = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def sample(self, *args, **kwargs):
+        self.sampling.set()
+        await self.release.wait()
+        return await self.inner.sample(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+async def test_commands_are_answered_within_discords_deadline_while_a_reply_is_sampled(discord_env, engine):
+    fake, bot = discord_env
+    fake.interaction_deadline = 1.0
+    engine.generator = held = HeldGenerator(engine.generator)
+    await fake.dm(ALICE, "안녕! 오래 생각해 줘")
+    await asyncio.wait_for(held.sampling.wait(), 30)  # Alice's lock is held until the reply is sampled
+    at = len(fake.calls)
+    await fake.slash(ALICE, "forget")
+    _, asked = await fake.wait_for("POST", "/callback", after=at)
+    confirm = next(m for m in fake.messages.values() if m["content"] == asked["data"]["content"])
+    delete = [c["custom_id"] for row in asked["data"]["components"] for c in row["components"]][0]
+    at = len(fake.calls)
+    for name, options in [("reset", None), ("start", None), ("persona", [{"name": "name", "type": 3, "value": "sam"}]),
+                          ("learning", [{"name": "choice", "type": 3, "value": "off"}]), ("export", None)]:
+        await fake.slash(ALICE, name, options)
+    await fake.click(ALICE, confirm["id"], delete)
+    while len([1 for m, p, _ in fake.calls[at:] if m == "POST" and p.endswith("/callback")]) < 6:
+        await fake.wait_for("POST", "/callback", after=len(fake.calls), timeout=5)
+    await asyncio.sleep(fake.interaction_deadline + 0.2)  # every interaction's deadline has passed
+    assert fake.late_callbacks == [] and fake.interactions == {}  # each was answered (deferred) in time
+    held.release.set()
+    for _ in range(200):  # then each gets its answer as a followup once the reply and the lock are through
+        answered = [p for m, p, _ in fake.calls[at:] if "/webhooks/" in p and m in ("POST", "PATCH")]
+        if len(answered) >= 6:
+            break
+        await asyncio.sleep(0.05)
+    assert len(answered) >= 6 and fake.late_callbacks == []
+    assert engine.store.user("discord:42") is None  # the confirmed forget went through last
+
+
+async def test_a_failed_typing_indicator_loses_no_message(discord_env, engine):
+    fake, bot = discord_env
+    fake.typing_status["500"] = 403
+    at = len(fake.calls)
+    await fake.dm(ALICE, "안녕?")
+    _, body = await fake.wait_for("POST", "/channels/500/messages", after=at)
+    while "1️⃣" not in body["content"]:
+        _, body = await fake.wait_for("POST", "/channels/500/messages", after=len(fake.calls))
+    assert engine.store.stats()["candidate_sets"] == 1
+
+
+async def test_reaction_picks_in_a_server_channel(discord_env, engine, settings):
+    fake, bot = discord_env
+    settings.discord.answer_in_guilds = True
+    at = len(fake.calls)
+    mention = {**(await _guild_message()), "id": "3003", "guild_id": "900",
+               "content": f"<@{BOT_USER['id']}> 안녕!", "mentions": [BOT_USER]}
+    await fake.dispatch("MESSAGE_CREATE", mention)
+    _, body = await fake.wait_for("POST", "/channels/600/messages", after=at)
+    while "1️⃣" not in body["content"]:
+        _, body = await fake.wait_for("POST", "/channels/600/messages", after=len(fake.calls))
+    message_id = next(mid for mid, m in fake.messages.items() if m["content"] == body["content"])
+    await fake.wait_for("PUT", f"/messages/{message_id}/reactions/{REGENERATE}/@me", after=at)
+    set_id = engine.store.set_for_message("discord", message_id)
+    at = len(fake.calls)
+    await fake.react(MALLORY["id"], message_id, "1️⃣", channel="600", guild="900")  # not her offer
+    _, refusal = await fake.wait_for("POST", "/channels/500/messages", after=at)  # told in her DMs
+    assert "찾을 수 없어" in refusal["content"] and fake.count("POST", "/users/@me/channels") == 1
+    assert not [1 for m, p, _ in fake.calls[at:] if m == "POST" and "/channels/600/" in p]
+    await fake.react(ALICE["id"], message_id, "2️⃣", channel="600", guild="900")
+    _, edit = await fake.wait_for("PATCH", f"/channels/600/messages/{message_id}", after=at)
+    assert "2번을 골랐어" in edit["content"] and engine.store.pick_of(set_id)["idx"] == 1
+
+
+async def test_buttons_mode_can_regenerate(discord_env, engine, settings):
+    fake, bot = discord_env
+    settings.discord.pick_with = "buttons"
+    message_id, body = await send_and_get_offer(fake)
+    regenerate = [c for row in body["components"] for c in row["components"]][-1]
+    assert regenerate["custom_id"].startswith("banryeo:regen:") and regenerate["emoji"]["name"] == REGENERATE
+    at = len(fake.calls)
+    await fake.click(ALICE, message_id, regenerate["custom_id"])
+    _, ack = await fake.wait_for("POST", "/callback", after=at)
+    assert ack["type"] == 6
+    _, new_offer = await fake.wait_for("POST", "/channels/500/messages", after=at)
+    _, old = await fake.wait_for("PATCH", "/messages/@original", after=at)
+    assert pick_buttons(new_offer) and old["components"] == []  # the replaced candidates can't be picked
+    old_set = engine.store.set_for_message("discord", message_id)
+    assert engine.store.candidate_set(old_set)["status"] == "regenerated"
+    at = len(fake.calls)
+    await fake.click(ALICE, message_id, regenerate["custom_id"])  # an old message's 🔄
+    _, refusal = await fake.wait_for("POST", "/webhooks/", after=at)
+    assert refusal["flags"] & 64 and "지난 거라" in refusal["content"]
+
+
+@pytest.fixture
+def admin_guild(settings):
+    settings.discord.admin_guild_id = 900
+
+
+async def test_admin_commands_only_in_the_admin_server(admin_guild, discord_env, engine):
+    fake, bot = discord_env
+    assert not {"status", "train", "rollback", "stats", "pause", "resume"} & {c["name"] for c in fake.commands}
+    assert {c["name"] for c in fake.guild_commands["900"]} == {"status", "train", "rollback", "stats", "pause",
+                                                                "resume"}
+    with pytest.raises(LookupError):
+        await fake.slash(ADMIN, "status", guild="901", permissions="8")
+    at = len(fake.calls)
+    await fake.slash(ADMIN, "status", guild="900", permissions="8")
+    _, status = await fake.wait_for("POST", "/callback", after=at)
+    assert "serving" in status["data"]["content"]
 
 
 def test_offers_fit_discords_message_limit():
