@@ -212,12 +212,12 @@ class Store:
                     side.chmod(0o600)
         try:
             conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
-            self.db = sqlite_utils.Database(conn)
+            self._lock = threading.RLock()
+            self.db = _ThreadSafeDatabase(conn, self._lock)
             self.db.execute("PRAGMA foreign_keys = ON")
             self.db.execute("PRAGMA secure_delete = ON")  # deleted text is overwritten, not left in free pages
             if str(path) != ":memory:":
                 self.db.enable_wal()
-            self._lock = threading.RLock()
             self._migrate()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from None
@@ -625,6 +625,24 @@ class Store:
 def _with_metrics(row: dict) -> dict:
     row["metrics"] = json.loads(row.pop("metrics_json"))
     return row
+
+
+class _ThreadSafeDatabase(sqlite_utils.Database):
+    """One connection shared by the event loop and worker threads (prompts, exports, forgets): sqlite-utils
+    wraps every query in a savepoint of one fixed name, so statements from two threads take turns."""
+
+    def __init__(self, conn: sqlite3.Connection, lock: threading.RLock):
+        self._lock = lock
+        super().__init__(conn)
+
+    def query(self, sql: str, params=None):
+        with self._lock:
+            rows = list(super().query(sql, params))
+        yield from rows
+
+    def execute(self, sql: str, parameters=None):
+        with self._lock:
+            return super().execute(sql, parameters)
 
 
 class _Transaction:

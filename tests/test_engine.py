@@ -274,3 +274,31 @@ async def test_resets_and_persona_switches_are_rate_limited_too(engine, settings
             await flood
         assert refused.value.key == "slow_down"
     assert engine.store.db.execute("SELECT count(*) FROM conversations").fetchone()[0] == 2  # nothing more stored
+
+
+async def test_per_user_bookkeeping_does_not_grow_with_every_user_ever(engine, store, settings):
+    import time
+
+    await asyncio.gather(*(engine.on_message(UserRef("console", str(i)), "안녕") for i in range(30)))
+    assert len(engine._user_locks) == 0  # nobody holds or waits: no lock kept
+    assert len(engine._recent) == 30
+    engine._recent_pruned -= 61  # a minute later, one more message prunes the quiet users' rate windows
+    for times in engine._recent.values():
+        times[-1] -= 61
+    await engine.on_message(UserRef("console", "late"), "안녕")
+    assert list(engine._recent) == ["console:late"]
+    assert time.monotonic() - engine._recent["console:late"][-1] < 60
+
+
+async def test_the_bots_language_follows_the_app_then_memory_then_the_persona(engine, store, settings):
+    korean_app, english_app = UserRef("telegram", "1", locale="ko"), UserRef("telegram", "1", locale="en-GB")
+    no_locale = UserRef("telegram", "1")
+    assert engine.language_of(no_locale) == "ko"  # 하루's language
+    assert engine.language_of(english_app) == "en" and engine.language_hint(english_app).params["suggestion"] == "sam"
+    await engine.open(english_app)
+    assert engine.language_of(no_locale) == "en"  # remembered for events without a locale
+    assert engine.language_of(korean_app) == "ko" and engine.language_hint(korean_app) is None
+    offer = await engine.on_message(UserRef("telegram", "2", locale="en"), "hi")
+    assert offer.opening and offer.notices[0].key == "persona_language_hint"  # a first conversation says so
+    settings.chat.language = "ko"  # an operator's choice wins
+    assert engine.language_of(english_app) == "ko"

@@ -414,3 +414,20 @@ async def test_banryeo_run_serves_telegram_and_discord_in_one_process(tmp_path, 
         await process.wait()
         await telegram.stop()
         await discord.stop()
+
+
+async def test_the_users_app_language_chooses_the_bots_words(telegram_env, engine):
+    fake = telegram_env
+    jane = user(88, "Jane", language_code="en")
+    hello = await answer_to(fake, jane, "/start")
+    assert hello["text"].startswith("하루: ")  # the default persona speaks Korean
+    assert hello["text"].endswith("하루 answers in another language. For an English-speaking companion: /persona sam")
+    helped = await answer_to(fake, jane, "/help")
+    assert helped["text"].startswith("Talk to me") and "/persona sam" in helped["text"]
+    switched = await answer_to(fake, jane, "/persona sam")
+    assert switched["text"].startswith("Switched to Sam") and "another language" not in switched["text"]
+    minsu = user(89, "민수", language_code="ko")
+    switched = await answer_to(fake, minsu, "/persona sam")  # a Korean app with the English persona
+    assert switched["text"].startswith("페르소나를 Sam(으)로 바꿨어") and "/persona haru" in switched["text"]
+    other = user(90, "Pierre", language_code="fr")  # no texts in French: the persona's language
+    assert (await answer_to(fake, other, "/help"))["text"].startswith("말을 걸면")
