@@ -5,7 +5,7 @@
 
 Both models are loaded side by side and timed alternately in one run, so machine noise hits both;
 the ratio is the number to read. Every run generates exactly 40 new tokens per candidate. A third row
-runs the configured dtype through the serving worker (bot/serving.py), which prefills the prompt once
+runs the configured dtype through the serving worker (bot/serving/local.py), which prefills the prompt once
 for all candidates instead of once per candidate.
 """
 

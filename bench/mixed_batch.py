@@ -5,7 +5,7 @@
 
 Each request asks for one 40-token reply; all 8 are queued together so the serving worker puts them in
 one generate call. The same batch runs three ways, alternately in one run: base model only, our
-mixed-adapter serving (bot/serving.py), and peft's own mixed batches (`adapter_names=`) for reference.
+mixed-adapter serving (bot/serving/), and peft's own mixed batches (`adapter_names=`) for reference.
 The number to read is throughput relative to the base (target >= 0.85): the median over repeats of
 each repeat's ratio to the base batch run just before it. All torch work runs on the
 serving worker's thread, the peft reference included (`LocalGenerator.call`), as in the bot.

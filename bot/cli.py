@@ -38,25 +38,27 @@ logger = logging.getLogger("banryeo")
 def build_engine(settings: Settings):
     """Open the store, the personas and the model, and wire them into a dialogue engine."""
     from bot.engine import DialogueEngine
-    from bot.model import ModelBackend
-    from bot.serving import LocalGenerator
     from bot.store import Store
     from persona import PersonaLibrary
 
     personas = PersonaLibrary(settings.storage.persona_dir)
     personas.get(settings.chat.persona)  # fail early on a bad default persona
     store = Store(settings.storage.db_path)
-    logger.info("Loading the model %s ...", settings.model.name)
     if settings.serving.backend == "vllm":
-        from bot.vllm_backend import VllmGenerator
+        from bot.serving.vllm import VllmGenerator
+        from bot.tokenizer import PromptTokenizer
 
         if not settings.serving.vllm_url:
             raise ConfigError("serving.backend = 'vllm' needs serving.vllm_url (e.g. http://gpu-box:8000)")
-        backend = ModelBackend.load(settings.model)  # its tokenizer counts tokens and renders chat templates
+        logger.info("Loading the tokenizer of %s ...", settings.model.name)
+        backend = PromptTokenizer.load(settings.model)  # counts tokens and renders chat templates; no weights
         key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
         generator = VllmGenerator(settings.serving, settings.model.name, settings.storage.generations_dir, key,
                                   add_special_tokens=not backend.use_chat_template)
-    else:  # the default: sample in this process, on the model's own thread (bot/serving.py)
+    else:  # the default: sample in this process, on the model's own thread (bot/serving/local.py)
+        from bot.serving import LocalGenerator
+
+        logger.info("Loading the model %s ...", settings.model.name)
         generator = LocalGenerator.load(settings.model, settings.serving)
         backend = generator.backend
     return DialogueEngine(store, backend, personas, settings, generator)

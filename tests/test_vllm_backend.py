@@ -15,7 +15,7 @@ import pytest
 from bot.config import SamplingSettings, ServingSettings
 from bot.serving import AdapterError, AdapterRef
 from bot.lineage import parse_adapter_name
-from bot.vllm_backend import VllmError, VllmGenerator
+from bot.serving.vllm import VllmError, VllmGenerator
 from tests.fake_vllm import FakeVllm
 
 SAMPLING = SamplingSettings(temperature=0.8, top_p=0.9, top_k=0, repetition_penalty=1.1, max_new_tokens=16)

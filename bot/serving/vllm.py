@@ -18,7 +18,8 @@ The server tokenizes the prompt itself; a prompt rendered with a chat template a
 At most `serving.max_adapters` adapters stay registered by this client; loading one more unloads the
 least recently used one that no request is using. When a newer generation of a lineage is loaded, the
 older ones are unloaded as soon as their last in-flight reply finishes, so a promotion never cuts a reply
-short. Unload failures are only logged.
+short (the bookkeeping is bot/serving/registry.py's, shared with the local worker). Unload failures are
+only logged.
 
 The server (any number of bots can share one):
 
@@ -56,16 +57,14 @@ import asyncio
 import json
 import logging
 import re
-import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from pathlib import Path, PurePosixPath
 
 import aiohttp
 
 from bot.config import SamplingSettings, ServingSettings
-from bot.lineage import parse_adapter_name
-from bot.model import Sample
-from bot.serving import AdapterError, AdapterRef
+from bot.serving.interface import AdapterError, AdapterRef, Sample
+from bot.serving.registry import AdapterRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -89,18 +88,15 @@ class VllmGenerator:
         self.base_model = serving.vllm_model or base_model
         self.generations_dir = Path(generations_dir).expanduser()
         self.adapter_dir = serving.vllm_adapter_dir
-        self.max_adapters = serving.max_adapters
         self.timeout = serving.vllm_timeout
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.add_special_tokens = add_special_tokens  # None: the server's default (True: it adds BOS)
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loaded: OrderedDict[str, float] = OrderedDict()  # name -> last use (monotonic), oldest first
+        self._adapters = AdapterRegistry(serving.max_adapters)  # loaded on the server; requests in flight on each
         self._loading: dict[str, asyncio.Task] = {}             # name -> the one load in progress
         self._unloading: dict[str, asyncio.Task] = {}
-        self._in_flight: Counter[str] = Counter()
         self._base_in_flight = 0
-        self._superseded: set[str] = set()                      # older generations waiting for their replies
         self._closing: set[asyncio.Task] = set()
         self._counts: Counter[str] = Counter()
 
@@ -137,8 +133,8 @@ class VllmGenerator:
             finally:
                 self._base_in_flight -= 1
             return self._samples(status, body, model, stop)
-        self._in_flight[model] += 1
-        self._touch(model)
+        self._adapters.hold(model)
+        self._adapters.touch(model)
         try:
             await self._ensure_loaded(adapter)
             status, body = await self._post("/v1/completions", payload)
@@ -156,15 +152,15 @@ class VllmGenerator:
 
     def pending(self) -> int:
         """Requests sent to the server and not yet answered."""
-        return sum(self._in_flight.values()) + self._base_in_flight
+        return sum(self._adapters.holds().values()) + self._base_in_flight
 
     def stats(self) -> dict:
         return {
             "backend": "vllm", "url": self.url, "base_model": self.base_model,
             "loads": self._counts["loads"], "unloads": self._counts["unloads"],
-            "loaded": list(self._loaded), "requests": self._counts["requests"],
+            "loaded": self._adapters.names(), "requests": self._counts["requests"],
             "reloads_after_404": self._counts["reloads_after_404"],
-            "in_flight": {name: count for name, count in self._in_flight.items() if count},
+            "in_flight": self._adapters.holds(),
         }
 
     async def aclose(self) -> None:
@@ -245,12 +241,12 @@ class VllmGenerator:
             if (loading := self._loading.get(name)) is not None:
                 await asyncio.shield(loading)  # one load per name; its error reaches every waiter
                 return
-            if name in self._loaded and not reload:
+            if name in self._adapters and not reload:
                 return
             if reload:  # one reload serves every request that got the 404 meanwhile
                 self._counts["reloads_after_404"] += 1
                 logger.warning("vLLM at %s no longer knows adapter %s; loading it again", self.url, name)
-            self._loaded.pop(name, None)
+            self._adapters.discard(name)
             task = asyncio.ensure_future(self._load(adapter))
             self._loading[name] = task
             task.add_done_callback(lambda done: self._load_done(name, done))
@@ -286,63 +282,34 @@ class VllmGenerator:
                 "a rank above the server's --max-lora-rank is refused)")
         else:
             raise VllmError(self._describe(status, "/v1/load_lora_adapter", body))
-        self._loaded[name] = time.monotonic()
-        self._loaded.move_to_end(name)
-        self._supersede_older(name)
-
-    def _supersede_older(self, name: str) -> None:
-        """A newer generation is loaded: release the older ones of its lineage once their replies finish."""
-        parsed = parse_adapter_name(name)
-        if parsed is None:
-            return
-        for other in list(self._loaded):
-            older = parse_adapter_name(other)
-            if older is not None and older[0] == parsed[0] and older[1] < parsed[1]:
-                self._retire_when_idle(other)
+        for retired in self._adapters.add(adapter):  # the lineage's older generations, once their replies are done
+            self._unload_soon(retired)
 
     async def evict_lineage(self, lineage: str) -> None:
         """Unload the lineage's adapters from the server (each as soon as its replies in flight are done)."""
-        for name in list(self._loaded):
-            parsed = parse_adapter_name(name)
-            if parsed is not None and parsed[0] == lineage:
-                self._retire_when_idle(name)
-
-    def _retire_when_idle(self, name: str) -> None:
-        if self._in_flight[name] == 0:
-            self._retire(name)
-        else:
-            self._superseded.add(name)  # retired by `_release` once its last reply is done
-
-    def _touch(self, name: str) -> None:
-        if name in self._loaded:
-            self._loaded[name] = time.monotonic()
-            self._loaded.move_to_end(name)
+        for name in self._adapters.retire_lineage(lineage):
+            self._unload_soon(name)
 
     def _release(self, name: str) -> None:
-        self._in_flight[name] -= 1
-        if self._in_flight[name] > 0:
-            return
-        del self._in_flight[name]
-        self._touch(name)
-        if name in self._superseded and name in self._loaded:
-            self._retire(name)
-        self._trim()
+        for retired in self._adapters.release(name):
+            self._unload_soon(retired)
+        if not self._adapters.is_held(name):  # its last reply is done: it counts as used just now
+            self._adapters.touch(name)
+            self._trim()
 
     def _trim(self, reserve: int = 0) -> None:
         """Unload least recently used idle adapters until at most max_adapters (plus `reserve` loads) remain.
 
         Adapters with replies in flight are never chosen, so the bound can be passed for a while.
         """
-        while len(self._loaded) + reserve > self.max_adapters:
-            idle = next((name for name in self._loaded if self._in_flight[name] == 0), None)
-            if idle is None:
-                logger.debug("%d adapters in use on vLLM, above max_adapters=%d", len(self._loaded), self.max_adapters)
-                return
-            self._retire(idle)
+        for name in self._adapters.make_room(reserve):
+            self._unload_soon(name)
+        if len(self._adapters) + reserve > self._adapters.capacity:
+            logger.debug("%d adapters in use on vLLM, above max_adapters=%d", len(self._adapters),
+                         self._adapters.capacity)
 
-    def _retire(self, name: str) -> None:
-        self._loaded.pop(name, None)
-        self._superseded.discard(name)
+    def _unload_soon(self, name: str) -> None:
+        """Unload an adapter the registry let go, in the background (a later load of it waits for this)."""
         task = asyncio.ensure_future(self._unload(name))
         self._unloading[name] = task
         task.add_done_callback(lambda done: self._unloading.pop(name, None) if self._unloading.get(name) is done

@@ -1,0 +1,65 @@
+"""What every generator offers the dialogue engine, and what a request names: no torch here.
+
+    samples = await generator.sample(prompt, 3, settings.sampling, ["\\n"], AdapterRef(name, path))
+
+`prefix` (optional) is the start of the prompt that many chats share, the persona and its example
+dialogue; a generator may reuse its KV cache across requests. `sample` is awaited from the event loop
+and never blocks it. The adapter a request uses is fixed when the request is made (an `AdapterRef`, or
+None for the base model), so a promotion in the middle of a reply never changes the weights it is
+sampled with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from bot.config import SamplingSettings
+from bot.lineage import parse_adapter_name
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled continuation, already cut at the first stop string."""
+
+    text: str
+    new_tokens: int
+    hit_stop: bool
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """One generation's LoRA adapter: its never-reused served name and its folder (peft format)."""
+
+    name: str
+    path: Path
+
+    @property
+    def lineage(self) -> str | None:
+        """Whose generation this is, as served names say it (`user-telegram-42`); None for another name."""
+        parsed = parse_adapter_name(self.name)
+        return parsed[0] if parsed else None
+
+    @property
+    def number(self) -> int | None:
+        """The generation's number within its lineage (later generations have higher numbers)."""
+        parsed = parse_adapter_name(self.name)
+        return parsed[1] if parsed else None
+
+
+class AdapterError(Exception):
+    """An adapter folder is missing, corrupt or incompatible; the request can fall back to the base."""
+
+
+class Generator(Protocol):
+    async def sample(self, prompt: str, n: int, sampling: SamplingSettings, stop: list[str],
+                     adapter: AdapterRef | None, prefix: str = "") -> list[Sample]: ...
+
+    def stats(self) -> dict: ...
+
+    def pending(self) -> int: ...     # requests queued or running
+
+    async def evict_lineage(self, lineage: str) -> None: ...  # a user forgot: drop `user-<lineage>` weights
+
+    def close(self) -> None: ...
