@@ -19,7 +19,7 @@ import tempfile
 import time
 
 from bot.config import load_settings
-from bot.lineage import adapter_name
+from bot.generations import adapter_name
 from bot.model import ModelBackend
 from bot.store import Store
 from training import scenarios

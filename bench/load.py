@@ -25,7 +25,7 @@ import torch
 from bot.cli import build_engine
 from bot.config import load_settings
 from bot.engine import EngineError, UserRef
-from bot.lineage import adapter_name
+from bot.generations import adapter_name
 from bot.model import resolve_model_path
 from random_adapters import make_random_adapters  # bench/random_adapters.py
 
@@ -99,7 +99,7 @@ async def main() -> None:
         engine.close()
         store.close()
 
-    print(f"{args.users} users for {elapsed:.0f} s on {settings.model.name} ({engine.backend.model.dtype}, "
+    print(f"{args.users} users for {elapsed:.0f} s on {settings.model.name} ({engine.generator.backend.model.dtype}, "
           f"{torch.get_num_threads()} threads), {settings.sampling.candidates} candidates x {args.tokens} tokens, "
           f"{args.max_adapters} resident adapters at most")
     print(f"  messages sent {sent}, answered {answered}, refused {refused}, unanswered {sent - answered - refused}")

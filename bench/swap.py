@@ -64,7 +64,7 @@ async def main() -> None:
         engine.close()
         store.close()
     steady_median, swapped_median = statistics.median(steady), statistics.median(swapped)
-    print(f"{args.swaps} promotions, 3 candidates x {args.tokens} tokens, {settings.model.name} ({engine.backend.model.dtype})")
+    print(f"{args.swaps} promotions, 3 candidates x {args.tokens} tokens, {settings.model.name} ({engine.generator.backend.model.dtype})")
     print(f"  reply on the serving generation      {steady_median:6.2f} s (median)")
     print(f"  first reply after a promotion        {swapped_median:6.2f} s (median)")
     print(f"  swap cost                            {swapped_median - steady_median:+6.2f} s "

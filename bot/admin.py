@@ -13,33 +13,37 @@ from __future__ import annotations
 from pathlib import Path
 
 from bot.config import Settings
+from bot.generations import promote, rollback
+from bot.messages import render
 from bot.store import Store
+from schedules.nightly import NightlyRollover
+from training.chart import plot_generations
 
 COMPARED = ("accuracy", "accuracy_base", "distinct2", "self_bleu", "length", "kl_per_token")
 
 
 class Admin:
-    def __init__(self, store: Store, settings: Settings, nightly=None):
+    def __init__(self, store: Store, settings: Settings, nightly: NightlyRollover | None = None):
         self.store = store
         self.settings = settings
-        self.nightly = nightly  # a schedules.nightly.NightlyRollover, for train_now
+        # the scheduled job, or (schedule off) the same job that only admins trigger
+        self.nightly = nightly or NightlyRollover(settings, store)
 
     def is_admin(self, user_id: str) -> bool:
         return user_id in self.settings.admins
 
     def status(self) -> dict:
-        last = self.store._one("SELECT * FROM rollover_runs ORDER BY id DESC LIMIT 1")
-        serving = {row["lineage"]: row["generation_id"] for row in self.store.db.query("SELECT * FROM serving")}
+        last = self.store.last_run()
+        serving = self.store.serving_pointers()
         next_run = None
-        if self.nightly is not None and self.nightly.scheduler.running:
+        if self.nightly.scheduler.running:
             job = self.nightly.scheduler.get_job("nightly-rollover")
             next_run = job.next_run_time.isoformat() if job and job.next_run_time else None
         return {"model": self.settings.model.name, "lineage_mode": self.settings.training.lineage,
                 "learning_paused": self.learning_paused(),
                 "serving": {lineage: self._label(gid) for lineage, gid in serving.items()},
                 "last_rollover": last, "next_rollover": next_run,
-                "adapter_errors": {row["name"].removeprefix("adapter_error:"): row["value"] for row in
-                                   self.store.db.query("SELECT * FROM flags WHERE name LIKE 'adapter_error:%'")},
+                "adapter_errors": self.store.adapter_errors(),
                 **self.store.stats()}
 
     def status_text(self) -> str:
@@ -73,37 +77,25 @@ class Admin:
                 "metrics": rows, "examples": serving["metrics"].get("examples", [])}
 
     def promote(self, lineage: str, number: int | None) -> str:
-        from training.rollover import promote
-
         generation = promote(self.store, lineage, number)
         return self._label(generation["id"] if generation else None)
 
     def rollback(self, lineage: str, number: int | None = None) -> str:
-        from training.rollover import rollback
-
         generation = rollback(self.store, lineage, number)
         return self._label(generation["id"] if generation else None)
 
     async def train_now(self, lineage: str | None = None) -> tuple[int, str]:
         """Run the rollover process now (even with few new picks); returns (exit code, its output)."""
-        if self.nightly is None:  # the schedule is off: the same job, just never triggered by the clock
-            from schedules.nightly import NightlyRollover
-
-            self.nightly = NightlyRollover(self.settings, self.store)
         return await self.nightly.run_once(force=True, lineage=lineage)
 
     async def train_now_text(self, language: str | None, lineage: str | None = None) -> str:
         """`train_now`, told as the admin commands tell it: each lineage's verdict, figures and reasons."""
-        from bot.messages import render
-
         code, output = await self.train_now(lineage)
         if code == 0:
             return render("training_finished", language, result=output or "-")
         return render("training_failed", language, code=code, result=output)
 
     def chart(self, lineage: str, path: Path) -> Path:
-        from training.chart import plot_generations
-
         return plot_generations(self.store.generations(lineage), lineage, path)
 
     def pause_learning(self, paused: bool) -> None:

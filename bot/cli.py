@@ -110,10 +110,10 @@ async def run_discord(discord_bot, token: str) -> None:
         raise ConfigError(f"Discord refused DISCORD_TOKEN: {exc}") from None
 
 
-def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
+def serve_until_stopped(settings: Settings, console: bool) -> int:
     engine = build_engine(settings)
     try:
-        asyncio.run(serve(engine, settings, console=args.command == "chat"))
+        asyncio.run(serve(engine, settings, console=console))
     except* ConfigError as group:  # a platform refused its token or its settings
         raise group.exceptions[0] from None
     finally:
@@ -122,7 +122,13 @@ def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    return cmd_chat(settings, args)
+    """Every configured platform; the console chat when none is."""
+    return serve_until_stopped(settings, console=False)
+
+
+def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
+    """The console chat only, whatever else is configured."""
+    return serve_until_stopped(settings, console=True)
 
 
 def cmd_persona(settings: Settings, args: argparse.Namespace) -> int:
@@ -267,7 +273,7 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
 
 def purge_from_backup(settings: Settings, backup: Path, user_id: str) -> None:
     """Delete one user from a backup folder as /forget would: their rows and their own generations."""
-    from bot.lineage import forget_generations
+    from bot.generations import forget_generations
     from bot.store import Store
 
     in_backup = settings.model_copy(update={"storage": settings.storage.model_copy(update={"data_dir": backup})})
@@ -392,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from bot.lineage import GenerationError
+    from bot.generations import GenerationError
     from bot.model import ModelError
     from bot.store import StoreError
     from persona import PersonaError

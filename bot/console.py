@@ -9,13 +9,14 @@ or just keep talking. /help lists the commands (Korean aliases too: /도움, /�
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+from bot.admin import Admin
+from bot.commands import Commands, Reply
 from bot.engine import CandidateSet, DialogueEngine, EngineError, UserRef
 from bot.messages import render
 
@@ -37,8 +38,10 @@ class ConsoleChat:
     """One console conversation. `read` returns a line or raises EOFError; `write` prints a block."""
 
     def __init__(self, engine: DialogueEngine, read: Callable[[str], str] = input,
-                 write: Callable[[str], None] = print, user: UserRef = CONSOLE_USER):
+                 write: Callable[[str], None] = print, user: UserRef = CONSOLE_USER,
+                 commands: Commands | None = None):
         self.engine = engine
+        self.commands = commands or Commands(engine, Admin(engine.store, engine.settings))
         self.read = read
         self.write = write
         self.user = user
@@ -80,15 +83,11 @@ class ConsoleChat:
             self.say("help")
         elif command == "regen":
             self.show(await self.engine.regenerate(self.user))
-        elif command == "reset":
-            opening = await self.engine.reset(self.user)
-            self.offer = None
-            self.say("reset_done")
-            self.write(f"{opening.persona}: {opening.greeting}")
-        elif command == "persona":
-            await self.persona(rest.strip())
-        elif command == "learning":
-            await self.learning(rest.strip().lower())
+        elif command in ("reset", "persona", "learning"):
+            reply = await self.commands.run(command, self.user, rest.split())
+            if command != "learning" and not reply.refused and (command == "reset" or rest.strip()):
+                self.offer = None  # a new conversation: the shown candidates are gone
+            self.write(reply.text)
         elif command == "export":
             await self.export()
         elif command == "forget":
@@ -102,19 +101,12 @@ class ConsoleChat:
             self.show(await self.engine.on_message(self.user, text))
         return True
 
-    async def learning(self, choice: str) -> None:
-        if choice in ("on", "off", "켜기", "끄기"):
-            enabled = choice in ("on", "켜기")
-            await self.engine.set_learning(self.user, enabled)
-            self.say("learning_on" if enabled else "learning_off")
-        else:
-            self.say("learning_status_on" if self.engine.learning_enabled(self.user) else "learning_status_off")
-
     async def export(self) -> None:
         """Everything stored about the console user, in ./banryeo-export-<time>.json (readable by you only)."""
-        data = json.dumps(await self.engine.export(self.user), ensure_ascii=False, indent=2)
+        reply: Reply = await self.commands.run("export", self.user)
+        _, data = reply.file
         path = Path(f"banryeo-export-{datetime.now():%Y%m%d-%H%M%S}.json").resolve()
-        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as handle:
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
             handle.write(data)
         self.say("export_saved", path=str(path))
 
@@ -127,9 +119,8 @@ class ConsoleChat:
         except (EOFError, KeyboardInterrupt):
             answer = ""
         if answer.strip().lower() in ("yes", "y", "네", "응"):
-            await self.engine.forget(self.user)
+            self.write((await self.commands.forget_confirmed(self.user)).text)
             self.offer = None
-            self.say("forget_done")
         else:
             self.say("forget_cancelled")
 
@@ -141,25 +132,14 @@ class ConsoleChat:
         else:
             self.write(f"{card.name}: {picked.text}")
 
-    async def persona(self, key: str) -> None:
-        if not key:
-            current = self.engine.persona_of(self.user).key
-            self.say("persona_list", personas=", ".join(self.engine.personas.keys()), current=current)
-            return
-        opening = await self.engine.set_persona(self.user, key)
-        self.offer = None
-        self.say("persona_changed", name=opening.persona)
-        self.write(f"{opening.persona}: {opening.greeting}")
-
     def show(self, offer: CandidateSet) -> None:
         self.offer = offer
-        card = self.engine.persona_of(self.user)
         if offer.opening:
-            self.write(f"{card.name}: {offer.opening}")
+            self.write(f"{offer.persona_name}: {offer.opening}")
         for notice in offer.notices:
-            self.say(notice.key, **notice.params)
+            self.write(render(notice.key, offer.language, **notice.params))
         if offer.auto_picked:
-            self.write(f"{card.name}: {offer.texts[0]}")
+            self.write(f"{offer.persona_name}: {offer.texts[0]}")
             return
         self.write("\n".join(f"  {i}) {text}" for i, text in enumerate(offer.texts, start=1)))
-        self.say("choose", count=len(offer.texts))
+        self.write(render("choose", offer.language, count=len(offer.texts)))

@@ -19,10 +19,8 @@ answers with a followup. Admin commands are offered only in servers, to members 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
-import json
 import logging
 import re
 
@@ -33,7 +31,8 @@ from discord import app_commands
 from bot.admin import Admin
 from bot.config import Settings
 from bot.engine import CandidateSet, DialogueEngine, EngineError, UserRef
-from bot.messages import NUMBERS, numbered_offer, render, with_hint
+from bot.commands import DESCRIPTIONS, PUBLIC_COMMANDS, Commands
+from bot.messages import NUMBERS, numbered_offer, render
 from bot.messages import fit as fit_within
 
 logger = logging.getLogger(__name__)
@@ -157,8 +156,8 @@ class ConfirmForget(discord.ui.View):
         self.confirmed = True
         bot: CompanionBot = interaction.client  # type: ignore[assignment]
         await interaction.response.defer()  # the forget waits for a reply being sampled: answer Discord first
-        await bot.engine.forget(user_ref(interaction.user))
-        await interaction.edit_original_response(content=render("forget_done", self.language), view=None)
+        done = await bot.commands.forget_confirmed(user_ref(interaction.user))
+        await interaction.edit_original_response(content=done.text, view=None)
         self.stop()
 
     @discord.ui.button(label="Cancel / 취소", style=discord.ButtonStyle.secondary)
@@ -176,7 +175,7 @@ class CompanionBot(discord.Client):
         super().__init__(intents=discord.Intents.default(), allowed_mentions=discord.AllowedMentions.none(),
                          **options)
         self.engine = engine
-        self.admin = admin
+        self.commands = Commands(engine, admin)
         self.settings = settings
         self.tree = app_commands.CommandTree(self)
 
@@ -212,19 +211,18 @@ class CompanionBot(discord.Client):
         await self.send_offer(message.channel, user, offer)
 
     async def send_offer(self, channel: discord.abc.Messageable, user: UserRef, offer: CandidateSet) -> None:
-        language = self.engine.language_of(user)
-        card = self.engine.persona_of(user)
+        language = offer.language
         if offer.opening:
-            await channel.send(fit(f"{card.name}: {offer.opening}"))
+            await channel.send(fit(f"{offer.persona_name}: {offer.opening}"))
         notices = [render(n.key, language, **n.params) for n in offer.notices]
         if offer.auto_picked:  # one distinct reply: nothing to choose, but it can still get 👍/👎
-            sent = await channel.send(fit("\n".join([*notices, f"{card.name}: {offer.texts[0]}"])))
-            self.engine.store.link_message(PLATFORM, str(sent.id), offer.id)
+            sent = await channel.send(fit("\n".join([*notices, f"{offer.persona_name}: {offer.texts[0]}"])))
+            self.engine.link_message(PLATFORM, str(sent.id), offer.id)
             return
         mode = self.settings.discord.pick_with
         view = offer_view(offer) if mode in ("buttons", "both") else None
         sent = await channel.send(offer_text(offer, language, notices), view=view)
-        self.engine.store.link_message(PLATFORM, str(sent.id), offer.id)
+        self.engine.link_message(PLATFORM, str(sent.id), offer.id)
         if mode in ("reactions", "both"):
             for emoji in [*PICK_EMOJIS[: len(offer.texts)], *([] if view else [REGENERATE])]:
                 await sent.add_reaction(emoji)
@@ -254,7 +252,7 @@ class CompanionBot(discord.Client):
         user = self.reactor(payload)
         if user is None:
             return
-        set_id = self.engine.store.set_for_message(PLATFORM, str(payload.message_id))
+        set_id = self.engine.offer_shown_in(PLATFORM, str(payload.message_id))
         emoji = str(payload.emoji)
         if set_id is None or (emoji not in PICK_EMOJIS and emoji != REGENERATE and emoji not in THUMBS):
             return  # not a candidate message, or an unrelated emoji
@@ -270,7 +268,7 @@ class CompanionBot(discord.Client):
         user = self.reactor(payload)
         if user is None or str(payload.emoji) not in THUMBS:
             return
-        set_id = self.engine.store.set_for_message(PLATFORM, str(payload.message_id))
+        set_id = self.engine.offer_shown_in(PLATFORM, str(payload.message_id))
         if set_id is not None:
             await self.engine.on_thumb(user, set_id, 0)
 
@@ -286,8 +284,7 @@ class CompanionBot(discord.Client):
             return
         if picked.already or message_id is None:
             return
-        card = self.engine.persona_of(user)
-        text = fit(f"{card.name}: {picked.text}\n-# {render('picked', language, number=index + 1)} · 👍 👎")
+        text = fit(f"{picked.persona_name}: {picked.text}\n-# {render('picked', language, number=index + 1)} · 👍 👎")
         message = channel.get_partial_message(message_id)
         await message.edit(content=text, view=None)
         for emoji in THUMBS:  # the rating the footer offers is one tap away
@@ -306,167 +303,103 @@ class CompanionBot(discord.Client):
         return True
 
 
+def describe(name: str) -> str:
+    english, korean = DESCRIPTIONS[name]
+    return f"{english} / {korean}"
+
+
+async def run_command(interaction: discord.Interaction, name: str, *args: str | int | None) -> None:
+    """Run a command of bot/commands.py and show its reply.
+
+    Discord fails an interaction not answered within 3 seconds, and a command may wait (for a reply being
+    sampled for this user, the database, a chart), so every command is acknowledged ("thinking…") first.
+    """
+    bot: CompanionBot = interaction.client  # type: ignore[assignment]
+    public = name in PUBLIC_COMMANDS
+    await interaction.response.defer(ephemeral=not public, thinking=True)
+    user = interaction_user(interaction)
+    reply = await bot.commands.run(name, user, [str(a) for a in args if a is not None])
+    while reply is not None:
+        if reply.refused and public:  # a refusal only the caller sees, in place of the public "thinking…"
+            await interaction.delete_original_response()
+        extras: dict = {}
+        if reply.file is not None:
+            extras["file"] = discord.File(io.BytesIO(reply.file[1]), filename=reply.file[0])
+        if reply.image is not None:
+            extras["file"] = discord.File(reply.image)
+        if reply.confirm_forget:
+            extras["view"] = ConfirmForget(interaction.user.id, bot.engine.language_of(user))
+        await interaction.followup.send(fit(reply.text), ephemeral=reply.private or reply.refused, **extras)
+        reply = await reply.later() if reply.later is not None else None
+
+
 def add_commands(tree: app_commands.CommandTree, admin_guild: discord.abc.Snowflake | None = None) -> None:
-    """User commands (start, help, reset, persona, forget, export, learning) and admin commands (status,
-    train, rollback, stats, pause, resume; only in servers, or only in `admin_guild`)."""
+    """Every command of bot/commands.py as a slash command; admin ones only in servers, for members with
+    Administrator (or only in `admin_guild`). Who may run them is decided in bot/commands.py."""
 
-    def engine_of(interaction: discord.Interaction) -> tuple[CompanionBot, UserRef, str]:
-        bot: CompanionBot = interaction.client  # type: ignore[assignment]
-        user = interaction_user(interaction)
-        return bot, user, bot.engine.language_of(user)
-
-    async def refuse_non_admin(interaction: discord.Interaction) -> bool:
-        bot, user, language = engine_of(interaction)
-        if bot.admin.is_admin(user.id):  # checked here too: a server's permission overrides are not ours
-            return False
-        await interaction.response.send_message(render("admin_only", language), ephemeral=True)
-        return True
-
-    async def refuse(interaction: discord.Interaction, exc: EngineError, language: str) -> None:
-        """After a public deferral: replace the "thinking…" message by a refusal only the user sees."""
-        await interaction.delete_original_response()
-        await interaction.followup.send(render(exc.key, language, **exc.params), ephemeral=True)
-
-    def admin_command(name: str, description: str):
-        """Offered only where members have Administrator (never in DMs); `admins` is still checked."""
+    def admin_command(name: str):
         def register(callback):
             command = app_commands.guild_only(app_commands.default_permissions(administrator=True)(callback))
-            return tree.command(name=name, description=description, guild=admin_guild)(command)
+            return tree.command(name=name, description=describe(name), guild=admin_guild)(command)
         return register
 
-    @tree.command(name="help", description="How to talk with your companion / 도움말")
+    @tree.command(name="start", description=describe("start"))
+    async def start_command(interaction: discord.Interaction) -> None:
+        await run_command(interaction, "start")
+
+    @tree.command(name="help", description=describe("help"))
     async def help_command(interaction: discord.Interaction) -> None:
-        bot, user, language = engine_of(interaction)
-        await interaction.response.send_message(with_hint(render("help_chat", language),
-                                                          bot.engine.language_hint(user), language), ephemeral=True)
+        await run_command(interaction, "help")
 
-    @tree.command(name="reset", description="Start a new conversation / 새 대화")
+    @tree.command(name="reset", description=describe("reset"))
     async def reset_command(interaction: discord.Interaction) -> None:
-        bot, user, language = engine_of(interaction)
-        await interaction.response.defer(thinking=True)  # the reset waits for a reply being sampled
-        try:
-            opening = await bot.engine.reset(user)
-        except EngineError as exc:  # too many in a minute
-            await refuse(interaction, exc, language)
-            return
-        await interaction.followup.send(fit(with_hint(f"{render('reset_done', language)}\n{opening.persona}: "
-                                                      f"{opening.greeting}", opening.hint, language)))
+        await run_command(interaction, "reset")
 
-    @tree.command(name="persona", description="List or switch personas / 페르소나")
+    @tree.command(name="persona", description=describe("persona"))
     @app_commands.describe(name="persona key, e.g. haru or sam")
     async def persona_command(interaction: discord.Interaction, name: str | None = None) -> None:
-        bot, user, language = engine_of(interaction)
-        if not name:
-            current = bot.engine.persona_of(user).key
-            await interaction.response.send_message(render("persona_list", language, current=current,
-                                                           personas=", ".join(bot.engine.personas.keys())))
-            return
-        await interaction.response.defer(thinking=True)
-        try:
-            opening = await bot.engine.set_persona(user, name)
-        except EngineError as exc:
-            await refuse(interaction, exc, language)
-            return
-        language = bot.engine.language_of(user)
-        await interaction.followup.send(fit(with_hint(f"{render('persona_changed', language, name=opening.persona)}"
-                                                      f"\n{opening.persona}: {opening.greeting}", opening.hint,
-                                                      language)))
+        await run_command(interaction, "persona", name)
 
-    @tree.command(name="start", description="Say hello / 시작")
-    async def start_command(interaction: discord.Interaction) -> None:
-        bot, user, language = engine_of(interaction)
-        await interaction.response.defer(thinking=True)
-        opening = await bot.engine.open(user)
-        text = f"{opening.persona}: {opening.greeting}" if opening.greeting else render("help_chat", language)
-        await interaction.followup.send(fit(with_hint(text, opening.hint, language)))
-
-    @tree.command(name="forget", description="Delete all my data / 내 데이터 지우기")
-    async def forget_command(interaction: discord.Interaction) -> None:
-        _, _, language = engine_of(interaction)
-        await interaction.response.send_message(render("forget_confirm", language),
-                                                view=ConfirmForget(interaction.user.id, language), ephemeral=True)
-
-    @tree.command(name="learning", description="Learn from my picks: on or off / 내 선택으로 배우기")
+    @tree.command(name="learning", description=describe("learning"))
     @app_commands.describe(choice="on or off")
     @app_commands.choices(choice=[app_commands.Choice(name="on", value="on"),
                                   app_commands.Choice(name="off", value="off")])
     async def learning_command(interaction: discord.Interaction, choice: str | None = None) -> None:
-        bot, user, language = engine_of(interaction)
-        if choice is None:
-            key = "learning_status_on" if bot.engine.learning_enabled(user) else "learning_status_off"
-            await interaction.response.send_message(render(key, language), ephemeral=True)
-            return
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        await bot.engine.set_learning(user, choice == "on")
-        await interaction.followup.send(render("learning_on" if choice == "on" else "learning_off", language),
-                                        ephemeral=True)
+        await run_command(interaction, "learning", choice)
 
-    @tree.command(name="export", description="My data as a JSON file / 내 데이터 받기")
+    @tree.command(name="export", description=describe("export"))
     async def export_command(interaction: discord.Interaction) -> None:
-        bot, user, language = engine_of(interaction)
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        data = json.dumps(await bot.engine.export(user), ensure_ascii=False, indent=2).encode()
-        await interaction.followup.send(render("export_ready", language), ephemeral=True,
-                                        file=discord.File(io.BytesIO(data), filename="banryeo-export.json"))
+        await run_command(interaction, "export")
 
-    @admin_command("pause", "Admin: pause learning")
-    async def pause_command(interaction: discord.Interaction) -> None:
-        if await refuse_non_admin(interaction):
-            return
-        bot, _, language = engine_of(interaction)
-        bot.admin.pause_learning(True)
-        await interaction.response.send_message(render("learning_paused", language), ephemeral=True)
+    @tree.command(name="forget", description=describe("forget"))
+    async def forget_command(interaction: discord.Interaction) -> None:
+        await run_command(interaction, "forget")
 
-    @admin_command("resume", "Admin: resume learning")
-    async def resume_command(interaction: discord.Interaction) -> None:
-        if await refuse_non_admin(interaction):
-            return
-        bot, _, language = engine_of(interaction)
-        bot.admin.pause_learning(False)
-        await interaction.response.send_message(render("learning_resumed", language), ephemeral=True)
-
-    @admin_command("status", "Admin: generations and schedule")
+    @admin_command("status")
     async def status_command(interaction: discord.Interaction) -> None:
-        if await refuse_non_admin(interaction):
-            return
-        bot, _, _ = engine_of(interaction)
-        await interaction.response.send_message(fit(bot.admin.status_text()), ephemeral=True)
+        await run_command(interaction, "status")
 
-    @admin_command("train", "Admin: run the nightly training now")
+    @admin_command("train")
     async def train_command(interaction: discord.Interaction) -> None:
-        if await refuse_non_admin(interaction):
-            return
-        bot, _, language = engine_of(interaction)
-        await interaction.response.send_message(render("training_started", language), ephemeral=True)
-        await interaction.followup.send(fit(await bot.admin.train_now_text(language)), ephemeral=True)
+        await run_command(interaction, "train")
 
-    @admin_command("rollback", "Admin: serve the previous generation")
+    @admin_command("rollback")
     @app_commands.describe(lineage="a user id such as discord:1234, or shared", number="generation number")
     async def rollback_command(interaction: discord.Interaction, lineage: str, number: int | None = None) -> None:
-        if await refuse_non_admin(interaction):
-            return
-        bot, _, _ = engine_of(interaction)
-        try:
-            now_serving = bot.admin.rollback(lineage, number)
-        except ValueError as exc:
-            await interaction.response.send_message(str(exc), ephemeral=True)
-            return
-        await interaction.response.send_message(f"{lineage} -> {now_serving}", ephemeral=True)
+        await run_command(interaction, "rollback", lineage, number)
 
-    @admin_command("stats", "Admin: counts and the metrics chart")
+    @admin_command("stats")
     @app_commands.describe(lineage="a user id such as discord:1234, or shared")
     async def stats_command(interaction: discord.Interaction, lineage: str | None = None) -> None:
-        if await refuse_non_admin(interaction):
-            return
-        bot, _, _ = engine_of(interaction)
-        await interaction.response.defer(ephemeral=True, thinking=True)  # counting and drawing take a moment
-        text = "\n".join(f"{k}: {v}" for k, v in bot.admin.stats().items())
-        if lineage and bot.admin.generations(lineage):
-            path = bot.settings.storage.data_dir.expanduser() / "charts" / "chart.png"
-            await asyncio.to_thread(bot.admin.chart, lineage, path)
-            await interaction.followup.send(text, file=discord.File(path), ephemeral=True)
-        else:
-            await interaction.followup.send(text, ephemeral=True)
+        await run_command(interaction, "stats", lineage)
+
+    @admin_command("pause")
+    async def pause_command(interaction: discord.Interaction) -> None:
+        await run_command(interaction, "pause")
+
+    @admin_command("resume")
+    async def resume_command(interaction: discord.Interaction) -> None:
+        await run_command(interaction, "resume")
 
 
 def create_discord_bot(engine: DialogueEngine, admin: Admin, settings: Settings, **options) -> CompanionBot:

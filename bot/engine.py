@@ -1,6 +1,6 @@
 """The dialogue engine: platform-free. Chat adapters translate their events into these calls:
 
-    engine = DialogueEngine(store, backend, personas, settings)
+    engine = DialogueEngine(store, tokenizer, personas, settings)
     opening = await engine.open(user)                   # greeting when a conversation starts
     offer = await engine.on_message(user, "배고파")     # -> CandidateSet with N numbered replies
     picked = await engine.on_pick(user, offer.id, 1)    # 0-based index; the pick continues the chat
@@ -10,8 +10,9 @@
 
 Problems a user should hear about raise `EngineError(key, **params)`; adapters render the key with
 `bot.messages.render` in the user's language. Requests of one user run one at a time (a lock per
-user); sampling goes to a generator (bot/serving.py) that batches requests of many users, each on
-their own adapter, so other users' picks and bookkeeping never wait on it.
+user); sampling goes to a generator (bot/serving/) that batches requests of many users, each on
+their own adapter, so other users' picks and bookkeeping never wait on it. The engine itself needs
+only a tokenizer (a PromptTokenizer, or the ModelBackend that extends it with the model).
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bot.config import Settings
-from bot.lineage import adapter_name, forget_generations, lineage_of, served_lineage
+from bot.generations import adapter_name, forget_generations, lineage_of, served_lineage
 from bot.messages import LANGUAGES
 from bot.prompt import Prompt, Turn, build_prompt, clean_reply, shorten
-from bot.serving import AdapterError, AdapterRef, Generator, LocalGenerator, Sample
+from bot.serving import AdapterError, AdapterRef, Generator, Sample
 from bot.store import Store
 from bot.tokenizer import PromptTokenizer
 from persona import PersonaCard, PersonaError, PersonaLibrary
@@ -75,12 +76,16 @@ class Notice:
 
 @dataclass
 class CandidateSet:
+    """The candidate replies offered for one message (an "offer"; stored as a candidate set)."""
+
     id: str
     texts: list[str]
     notices: list[Notice] = field(default_factory=list)
     auto_picked: bool = False        # only one distinct reply: it already continues the conversation
     opening: str | None = None       # the greeting, when this message started a new conversation
     generation: str = "base"
+    persona_name: str = ""           # who speaks the candidates, e.g. "하루"
+    language: str = "ko"             # the language of the bot's own words around them (notices, footer)
 
 
 @dataclass
@@ -89,12 +94,13 @@ class Picked:
     index: int
     text: str
     already: bool = False            # the same pick was made before; nothing changed
+    persona_name: str = ""           # who said it, e.g. "하루"
 
 
 @dataclass
 class Opening:
     greeting: str | None             # None: the conversation was already going
-    persona: str
+    persona_name: str                # the persona's display name, e.g. "하루"
     hint: Notice | None = None       # the persona speaks another language than the user's app (language_hint)
 
 
@@ -128,13 +134,17 @@ def client_language(locale: str) -> str | None:
 
 
 class DialogueEngine:
-    def __init__(self, store: Store, backend: PromptTokenizer, personas: PersonaLibrary, settings: Settings,
+    def __init__(self, store: Store, tokenizer: PromptTokenizer, personas: PersonaLibrary, settings: Settings,
                  generator: Generator | None = None):
         self.store = store
-        self.backend = backend
+        self.tokenizer = tokenizer
         self.personas = personas
         self.settings = settings
-        self.generator = generator if generator is not None else LocalGenerator(backend, settings.serving)
+        if generator is None:  # the default: sample in this process, with the tokenizer's model (a ModelBackend)
+            from bot.serving import LocalGenerator
+
+            generator = LocalGenerator(tokenizer, settings.serving)
+        self.generator = generator
         self._user_locks = UserLocks()
         self._recent: defaultdict[str, deque[float]] = defaultdict(deque)  # per user: times of recent requests
         self._recent_pruned = time.monotonic()
@@ -180,6 +190,19 @@ class DialogueEngine:
             return self.personas.get(key).language
         except PersonaError:
             return None
+
+    def persona_keys(self) -> list[str]:
+        return self.personas.keys()
+
+    # -- platform messages that show an offer ------------------------------------------------------
+
+    def link_message(self, platform: str, message_key: str, set_id: str) -> None:
+        """Remember that platform message `message_key` shows offer `set_id` (for reactions and late picks)."""
+        self.store.link_message(platform, message_key, set_id)
+
+    def offer_shown_in(self, platform: str, message_key: str) -> str | None:
+        """The id of the offer a platform message shows, if it shows one."""
+        return self.store.set_for_message(platform, message_key)
 
     def _default_persona_key(self) -> str:
         return self.settings.chat.persona if self.settings.chat.persona in self.personas.keys() else \
@@ -276,7 +299,7 @@ class DialogueEngine:
                 self.store.record_pick(offer, index)
             except sqlite3.IntegrityError:  # picked in the meantime by another process
                 return self._repeated_pick(self.store.candidate_set(set_id), index)
-            return Picked(set_id, index, offer["candidates"][index]["text"])
+            return Picked(set_id, index, offer["candidates"][index]["text"], persona_name=self.persona_of(user).name)
 
     async def on_thumb(self, user: UserRef, set_id: str, value: int) -> bool:
         """Thumbs up (+1), down (-1) or cleared (0) on the reply picked from set `set_id`.
@@ -378,7 +401,7 @@ class DialogueEngine:
         # reading a long conversation and counting its tokens: off the event loop, where others' events wait
         prompt, notices = await asyncio.to_thread(self._prompt, card, conversation_id, user_turn_id)
         texts, raw, adapter = await self._sample_distinct(prompt, card, user)
-        generation = adapter.name if adapter else self.backend.generation
+        generation = adapter.name if adapter else self.tokenizer.generation
         wanted = self.settings.sampling.candidates
         if not texts:
             raise EngineError("no_reply")
@@ -387,14 +410,15 @@ class DialogueEngine:
         set_id = self.store.add_candidate_set(
             conversation_id=conversation_id, user_id=user.id, user_turn_id=user_turn_id, persona=card.key,
             prompt=prompt.text, context=prompt.messages, prompt_tokens=prompt.tokens,
-            dropped_turns=prompt.dropped_turns, model=self.backend.name, generation=generation,
+            dropped_turns=prompt.dropped_turns, model=self.tokenizer.name, generation=generation,
             sampling=self.settings.sampling.model_dump(),
             candidates=[{"text": t, "new_tokens": raw[t].new_tokens, "hit_stop": raw[t].hit_stop} for t in texts],
         )
         auto = len(texts) == 1
         if auto:
             self.store.record_pick(self.store.candidate_set(set_id), 0, auto=True)
-        return CandidateSet(set_id, texts, notices, auto_picked=auto, generation=generation)
+        return CandidateSet(set_id, texts, notices, auto_picked=auto, generation=generation, persona_name=card.name,
+                            language=self.language_of(user))
 
     def _prompt(self, card: PersonaCard, conversation_id: int, user_turn_id: int) -> tuple[Prompt, list[Notice]]:
         """The prompt for the conversation's newest message, and a notice when that message was shortened."""
@@ -406,10 +430,10 @@ class DialogueEngine:
             history.append(Turn(row["role"], text))
             if was_cut and row["id"] == user_turn_id:
                 notices.append(Notice("message_shortened", {"length": len(row["text"]), "limit": limit}))
-        prompt = build_prompt(card, history, count_tokens=self.backend.count_tokens,
+        prompt = build_prompt(card, history, count_tokens=self.tokenizer.count_tokens,
                               budget=self.settings.chat.max_context_tokens,
-                              chat_template=self.backend.chat_prompt if self.backend.use_chat_template else None,
-                              special_tokens=self.backend.special_tokens)
+                              chat_template=self.tokenizer.chat_prompt if self.tokenizer.use_chat_template else None,
+                              special_tokens=self.tokenizer.special_tokens)
         if prompt.shortened_last and not notices:
             newest = history[-1].text
             notices.append(Notice("message_shortened", {"length": len(newest), "limit": len(newest)}))

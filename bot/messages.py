@@ -254,7 +254,7 @@ MESSAGES: dict[str, dict[str, str]] = {
 }
 
 
-def render(key: str, language: str | None, **params: object) -> str:
+def render(key: str, language: str | None, /, **params: object) -> str:
     """The message `key` in `language` (Korean when unknown), filled with `params`."""
     texts = MESSAGES[key]
     return texts.get(language or "ko", texts["ko"]).format(**params)

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import sqlite_utils
 
-from bot.lineage import adapter_name
+from bot.generations import GENERATION_FLOOR, adapter_name
 
 MIGRATIONS: list[str] = [
     # 1: the initial schema
@@ -167,7 +167,6 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-GENERATION_FLOOR = "generation_floor"
 CLOSED_STATUSES = ("picked", "skipped", "regenerated", "reset")
 
 
@@ -459,7 +458,7 @@ class Store:
 
     def forget_lineage(self, lineage: str) -> None:
         """Delete a lineage's generation rows, serving pointer and adapter-error flags (its folder is
-        removed by bot.lineage.forget_generations). The highest number it reached is kept (without saying whose) in the flag
+        removed by bot.generations.forget_generations). The highest number it reached is kept (without saying whose) in the flag
         `generation_floor`: a lineage with no generations numbers its first above it, so a served
         name never stands for two different weights, not even after a forget."""
         generations = self.generations(lineage)
@@ -529,6 +528,10 @@ class Store:
             self.db.execute("DELETE FROM reactions WHERE user_id = ? AND turn_id = ?", [user_id, turn_id])
 
     # -- feedback for training ------------------------------------------------------------------
+
+    def users_with_picks(self) -> list[str]:
+        """Users who picked at least one reply themselves (auto-picked single replies teach nothing)."""
+        return [row["user_id"] for row in self.db.query("SELECT DISTINCT user_id FROM picks WHERE auto = 0")]
 
     def preference_records(self, user_id: str | None = None, after_pick_id: int = 0,
                            pick_ids: list[int] | None = None) -> Iterator[dict]:
@@ -611,9 +614,37 @@ class Store:
             self.db["serving"].upsert({"lineage": lineage, "generation_id": generation_id, "updated_at": now()},
                                       pk="lineage")
 
+    def serving_pointers(self) -> dict[str, int | None]:
+        """Lineage -> the id of the generation it serves (None: the base model)."""
+        return {row["lineage"]: row["generation_id"] for row in self.db.query("SELECT * FROM serving")}
+
+    def adapter_errors(self) -> dict[str, str]:
+        """Served adapter name -> why it could not be loaded (its parent serves instead)."""
+        return {row["name"].removeprefix("adapter_error:"): row["value"]
+                for row in self.db.query("SELECT * FROM flags WHERE name LIKE 'adapter_error:%'")}
+
     def stats(self) -> dict[str, int]:
         tables = ["users", "conversations", "turns", "candidate_sets", "picks", "reactions", "generations"]
         return {t: self.db[t].count for t in tables}
+
+    # -- rollover runs (one row per night, with each lineage's outcome) ---------------------------
+
+    def start_run(self) -> int:
+        with self.transaction():
+            return self.db["rollover_runs"].insert({"started_at": now(), "status": "running"}).last_pk
+
+    def finish_run(self, run_id: int, status: str, summary: str) -> None:
+        with self.transaction():
+            self.db["rollover_runs"].update(run_id, {"finished_at": now(), "status": status, "summary": summary})
+
+    def time_out_runs(self) -> None:
+        """A rollover process was stopped for running too long: its run says so instead of "running"."""
+        with self.transaction():
+            self.db.execute("UPDATE rollover_runs SET status = 'timed out', finished_at = ? WHERE status = 'running'",
+                            [now()])
+
+    def last_run(self) -> dict | None:
+        return self._one("SELECT * FROM rollover_runs ORDER BY id DESC LIMIT 1")
 
     # -- helpers --------------------------------------------------------------------------------
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import logging
 import re
 import secrets
@@ -38,9 +37,10 @@ from telegram.ext import (AIORateLimiter, Application, ApplicationBuilder, Callb
                           ContextTypes, MessageHandler, filters)
 
 from bot.admin import Admin
+from bot.commands import ADMIN_COMMANDS, DESCRIPTIONS, USER_COMMANDS, Commands, Reply
 from bot.config import ConfigError, Settings
-from bot.engine import CandidateSet, DialogueEngine, EngineError, Opening, UserRef
-from bot.messages import NUMBERS, numbered_offer, render, with_hint
+from bot.engine import CandidateSet, DialogueEngine, EngineError, UserRef
+from bot.messages import NUMBERS, numbered_offer, render
 from bot.messages import fit as fit_within
 
 logger = logging.getLogger(__name__)
@@ -49,24 +49,8 @@ PLATFORM = "telegram"
 MESSAGE_LIMIT = MessageLimit.MAX_TEXT_LENGTH  # 4,096 characters
 TYPING_EVERY = 4.0  # seconds; Telegram shows "typing…" for about five
 
-USER_COMMANDS = {  # command: (English, Korean) descriptions for setMyCommands
-    "start": ("Say hello", "인사하기"),
-    "persona": ("List or switch personas", "페르소나 목록·바꾸기"),
-    "reset": ("Start a new conversation", "새 대화 시작"),
-    "regen": ("New candidates for my last message", "후보 다시 뽑기"),
-    "learning": ("Learn from my picks: on or off", "내 선택으로 배우기 켜기·끄기"),
-    "export": ("My data as a JSON file", "내 데이터 받기"),
-    "forget": ("Delete all my data", "내 데이터 지우기"),
-    "help": ("How it works", "도움말"),
-}
-ADMIN_COMMANDS = {
-    "status": "Admin: generations and schedule",
-    "train": "Admin: run the nightly training now",
-    "rollback": "Admin: serve the previous generation",
-    "stats": "Admin: counts and the metrics chart",
-    "pause": "Admin: pause learning",
-    "resume": "Admin: resume learning",
-}
+MENU = ("start", "persona", "reset", "regen", "learning", "export", "forget", "help")  # setMyCommands order
+PRIVATE_ONLY = ("export", "forget")  # never in a group, where others would see the file or the buttons
 
 
 def user_ref(user: TelegramUser, chat: Chat | None = None) -> UserRef:
@@ -129,7 +113,7 @@ class TelegramCompanion:
 
     def __init__(self, engine: DialogueEngine, admin: Admin, settings: Settings):
         self.engine = engine
-        self.admin = admin
+        self.commands = Commands(engine, admin)
         self.settings = settings
 
     # which updates are ours
@@ -174,8 +158,7 @@ class TelegramCompanion:
 
     async def send_offer(self, context: ContextTypes.DEFAULT_TYPE, chat_id: int, user: UserRef,
                          offer: CandidateSet) -> None:
-        language = self.language(user)
-        name = self.engine.persona_of(user).name
+        language, name = offer.language, offer.persona_name
         if offer.opening:
             await context.bot.send_message(chat_id, fit(f"{name}: {offer.opening}"))
         notices = [render(n.key, language, **n.params) for n in offer.notices]
@@ -185,7 +168,7 @@ class TelegramCompanion:
         else:
             sent = await context.bot.send_message(chat_id, offer_text(offer, language, notices),
                                                   reply_markup=offer_keyboard(offer))
-        self.engine.store.link_message(PLATFORM, f"{chat_id}:{sent.message_id}", offer.id)
+        self.engine.link_message(PLATFORM, f"{chat_id}:{sent.message_id}", offer.id)
 
     async def on_non_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if self.addressed(update, context) and update.effective_chat.type == ChatType.PRIVATE:
@@ -225,8 +208,7 @@ class TelegramCompanion:
         await query.answer(render("picked", language, number=index + 1))
         if picked.already:
             return  # a double press: the message already shows this pick
-        name = self.engine.persona_of(user).name
-        text = fit(f"{name}: {picked.text}\n\n{render('picked', language, number=index + 1)}")
+        text = fit(f"{picked.persona_name}: {picked.text}\n\n{render('picked', language, number=index + 1)}")
         await edit_text(query.message, text, thumbs_keyboard(button.target))
 
     async def on_regenerate(self, query, context: ContextTypes.DEFAULT_TYPE, user: UserRef, set_id: str,
@@ -254,39 +236,38 @@ class TelegramCompanion:
             return
         await query.answer()
         if button.value == "yes":
-            await self.engine.forget(user)
-            await edit_text(query.message, render("forget_done", language), None)
+            await edit_text(query.message, (await self.commands.forget_confirmed(user)).text, None)
         else:
             await edit_text(query.message, render("forget_cancelled", language), None)
 
-    # user commands
+    # commands (bot/commands.py decides; this only shows the reply)
 
-    async def cmd_start(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    async def on_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """/start, /help, /reset, /persona, /learning, /export, /forget and the admin commands."""
         if not self.addressed(update, context):
             return
         user = user_ref(update.effective_user, update.effective_chat)
-        opening = await self.engine.open(user)
-        text = f"{opening.persona}: {opening.greeting}" if opening.greeting else render("help_chat", self.language(user))
-        await update.effective_message.reply_text(fit(with_hint(text, opening.hint, self.language(user))))
+        name = update.effective_message.text.split()[0][1:].split("@")[0].lower()
+        if name in PRIVATE_ONLY and update.effective_chat.type != ChatType.PRIVATE:
+            await update.effective_message.reply_text(render("private_only", self.language(user)))
+            return
+        await self.show(update.effective_message, user, await self.commands.run(name, user, context.args or []))
 
-    async def cmd_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        if not self.addressed(update, context):
-            return
-        user = user_ref(update.effective_user, update.effective_chat)
-        language = self.language(user)
-        await update.effective_message.reply_text(with_hint(render("help_chat", language),
-                                                            self.engine.language_hint(user), language))
-
-    async def cmd_reset(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        if not self.addressed(update, context):
-            return
-        user = user_ref(update.effective_user, update.effective_chat)
-        try:
-            opening = await self.engine.reset(user)
-        except EngineError as exc:  # too many in a minute
-            await update.effective_message.reply_text(render(exc.key, self.language(user), **exc.params))
-            return
-        await reply_with_opening(update, render("reset_done", self.language(user)), opening, self.language(user))
+    async def show(self, message: Message, user: UserRef, reply: Reply) -> None:
+        if reply.file is not None:
+            name, data = reply.file
+            await message.reply_document(InputFile(io.BytesIO(data), filename=name), caption=reply.text)
+        elif reply.image is not None:
+            with reply.image.open("rb") as photo:
+                await message.reply_photo(photo, caption=fit(reply.text, MessageLimit.CAPTION_LENGTH))
+        elif reply.confirm_forget:
+            keyboard = InlineKeyboardMarkup([[InlineKeyboardButton("삭제 / Delete", callback_data=f"forget:{user.id}:yes"),
+                                              InlineKeyboardButton("취소 / Cancel", callback_data=f"forget:{user.id}:no")]])
+            await message.reply_text(reply.text, reply_markup=keyboard)
+        else:
+            await message.reply_text(fit(reply.text))
+        if reply.later is not None:
+            await self.show(message, user, await reply.later())
 
     async def cmd_regen(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if not self.addressed(update, context):
@@ -294,126 +275,12 @@ class TelegramCompanion:
         user = user_ref(update.effective_user, update.effective_chat)
         await self.answer_with_offer(update, context, user, self.engine.regenerate(user))
 
-    async def cmd_persona(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        if not self.addressed(update, context):
-            return
-        user = user_ref(update.effective_user, update.effective_chat)
-        if not context.args:
-            await update.effective_message.reply_text(render(
-                "persona_list", self.language(user), current=self.engine.persona_of(user).key,
-                personas=", ".join(self.engine.personas.keys())))
-            return
-        try:
-            opening = await self.engine.set_persona(user, context.args[0])
-        except EngineError as exc:
-            await update.effective_message.reply_text(render(exc.key, self.language(user), **exc.params))
-            return
-        await reply_with_opening(update, render("persona_changed", self.language(user), name=opening.persona), opening,
-                                 self.language(user))
-
-    async def cmd_learning(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        if not self.addressed(update, context):
-            return
-        user = user_ref(update.effective_user, update.effective_chat)
-        choice = (context.args or [""])[0].lower()
-        if choice in ("on", "off"):
-            await self.engine.set_learning(user, choice == "on")
-            key = "learning_on" if choice == "on" else "learning_off"
-        else:
-            key = "learning_status_on" if self.engine.learning_enabled(user) else "learning_status_off"
-        await update.effective_message.reply_text(render(key, self.language(user)))
-
-    async def cmd_export(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        if not await self.private_only(update, context):
-            return
-        user = user_ref(update.effective_user, update.effective_chat)
-        data = json.dumps(await self.engine.export(user), ensure_ascii=False, indent=2).encode()
-        await update.effective_message.reply_document(InputFile(io.BytesIO(data), filename="banryeo-export.json"),
-                                                      caption=render("export_ready", self.language(user)))
-
-    async def cmd_forget(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        if not await self.private_only(update, context):
-            return
-        user = user_ref(update.effective_user, update.effective_chat)
-        keyboard = InlineKeyboardMarkup([[InlineKeyboardButton("삭제 / Delete", callback_data=f"forget:{user.id}:yes"),
-                                          InlineKeyboardButton("취소 / Cancel", callback_data=f"forget:{user.id}:no")]])
-        await update.effective_message.reply_text(render("forget_confirm", self.language(user)), reply_markup=keyboard)
-
-    async def private_only(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> bool:
-        if not self.addressed(update, context):
-            return False
-        if update.effective_chat.type != ChatType.PRIVATE:
-            await update.effective_message.reply_text(render("private_only",
-                                                             self.language(user_ref(update.effective_user, update.effective_chat))))
-            return False
-        return True
-
     async def on_unknown_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if self.addressed(update, context) and update.effective_chat.type == ChatType.PRIVATE:
             command = (update.effective_message.text or "").split()[0]
             await update.effective_message.reply_text(render("unknown_command",
                                                              self.language(user_ref(update.effective_user, update.effective_chat)),
                                                              command=command))
-
-    # admin commands: checked here against `admins`, whatever Telegram shows in the command menu
-
-    async def admin_only(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> bool:
-        if not self.addressed(update, context):
-            return False
-        user = user_ref(update.effective_user, update.effective_chat)
-        if self.admin.is_admin(user.id):
-            return True
-        await update.effective_message.reply_text(render("admin_only", self.language(user)))
-        return False
-
-    async def cmd_status(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        if not await self.admin_only(update, context):
-            return
-        await update.effective_message.reply_text(fit(self.admin.status_text()))
-
-    async def cmd_train(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        if not await self.admin_only(update, context):
-            return
-        language = self.language(user_ref(update.effective_user, update.effective_chat))
-        await update.effective_message.reply_text(render("training_started", language))
-        await update.effective_message.reply_text(fit(await self.admin.train_now_text(language)))
-
-    async def cmd_rollback(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        if not await self.admin_only(update, context):
-            return
-        args = context.args or []
-        if not args or (len(args) > 1 and not re.fullmatch(r"[0-9]{1,6}", args[1])):
-            await update.effective_message.reply_text("/rollback LINEAGE [NUMBER], e.g. /rollback telegram:1234")
-            return
-        try:
-            now_serving = self.admin.rollback(args[0], int(args[1]) if len(args) > 1 else None)
-        except ValueError as exc:
-            await update.effective_message.reply_text(str(exc))
-            return
-        await update.effective_message.reply_text(f"{args[0]} -> {now_serving}")
-
-    async def cmd_stats(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        if not await self.admin_only(update, context):
-            return
-        text = "\n".join(f"{k}: {v}" for k, v in self.admin.stats().items())
-        lineage = context.args[0] if context.args else None
-        if lineage and self.admin.generations(lineage):
-            path = self.settings.storage.data_dir.expanduser() / "charts" / "chart-telegram.png"
-            self.admin.chart(lineage, path)
-            with path.open("rb") as photo:
-                await update.effective_message.reply_photo(photo, caption=fit(text, MessageLimit.CAPTION_LENGTH))
-        else:
-            await update.effective_message.reply_text(text)
-
-    async def cmd_pause(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        if await self.admin_only(update, context):
-            self.admin.pause_learning(True)
-            await update.effective_message.reply_text(render("learning_paused", self.language(user_ref(update.effective_user, update.effective_chat))))
-
-    async def cmd_resume(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        if await self.admin_only(update, context):
-            self.admin.pause_learning(False)
-            await update.effective_message.reply_text(render("learning_resumed", self.language(user_ref(update.effective_user, update.effective_chat))))
 
     # errors and the command menu
 
@@ -427,10 +294,9 @@ class TelegramCompanion:
     async def register_commands(self, application: Application) -> None:
         """The command menu: English by default, Korean for Korean clients, admin commands for admins."""
         bot = application.bot
-        await bot.set_my_commands([BotCommand(c, en) for c, (en, _) in USER_COMMANDS.items()])
-        await bot.set_my_commands([BotCommand(c, ko) for c, (_, ko) in USER_COMMANDS.items()], language_code="ko")
-        admin_menu = [*(BotCommand(c, en) for c, (en, _) in USER_COMMANDS.items()),
-                      *(BotCommand(c, text) for c, text in ADMIN_COMMANDS.items())]
+        await bot.set_my_commands([BotCommand(c, DESCRIPTIONS[c][0]) for c in MENU])
+        await bot.set_my_commands([BotCommand(c, DESCRIPTIONS[c][1]) for c in MENU], language_code="ko")
+        admin_menu = [BotCommand(c, DESCRIPTIONS[c][0]) for c in (*MENU, *ADMIN_COMMANDS)]
         for admin_id in self.settings.admins:
             platform, _, chat_id = admin_id.partition(":")
             if platform == PLATFORM and chat_id.lstrip("-").isdigit():
@@ -465,12 +331,6 @@ async def typing(context: ContextTypes.DEFAULT_TYPE, chat_id: int):
         task.cancel()
 
 
-async def reply_with_opening(update: Update, header: str, opening: Opening, language: str) -> None:
-    """A confirmation followed by the persona's greeting that opens the new conversation."""
-    await update.effective_message.reply_text(fit(with_hint(f"{header}\n{opening.persona}: {opening.greeting}",
-                                                            opening.hint, language)))
-
-
 async def edit_text(message: Message | None, text: str, markup: InlineKeyboardMarkup | None) -> None:
     """Edit a message if Telegram still lets us (messages older than 48 hours cannot be edited)."""
     if message is None or not isinstance(message, Message):
@@ -501,12 +361,9 @@ def build_application(companion: TelegramCompanion, token: str) -> Application:
         builder = builder.base_url(base).base_file_url(base.removesuffix("/bot") + "/file/bot")
     application = builder.build()
     c = companion
-    for name, handler in (("start", c.cmd_start), ("help", c.cmd_help), ("reset", c.cmd_reset),
-                          ("regen", c.cmd_regen), ("persona", c.cmd_persona), ("learning", c.cmd_learning),
-                          ("export", c.cmd_export), ("forget", c.cmd_forget), ("status", c.cmd_status), ("train", c.cmd_train),
-                          ("rollback", c.cmd_rollback), ("stats", c.cmd_stats), ("pause", c.cmd_pause),
-                          ("resume", c.cmd_resume)):
-        application.add_handler(CommandHandler(name, handler, filters=filters.UpdateType.MESSAGE))
+    application.add_handler(CommandHandler([*USER_COMMANDS, *ADMIN_COMMANDS], c.on_command,
+                                           filters=filters.UpdateType.MESSAGE))
+    application.add_handler(CommandHandler("regen", c.cmd_regen, filters=filters.UpdateType.MESSAGE))
     application.add_handler(MessageHandler(filters.UpdateType.EDITED, c.on_edited))
     application.add_handler(MessageHandler(filters.COMMAND, c.on_unknown_command))
     application.add_handler(MessageHandler(filters.TEXT, c.on_text))

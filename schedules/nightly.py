@@ -25,7 +25,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from bot.config import Settings
-from bot.store import Store, now
+from bot.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class NightlyRollover:
 
     def missed(self, now: datetime | None = None) -> bool:
         """True when a rollover ran before but not since the last scheduled time."""
-        row = self.store._one("SELECT started_at FROM rollover_runs ORDER BY id DESC LIMIT 1")
+        row = self.store.last_run()
         if row is None:
             return False
         return datetime.fromisoformat(row["started_at"]) < self.previous_fire_time(now)
@@ -83,9 +83,7 @@ class NightlyRollover:
                 await process.wait()
                 minutes = self.settings.schedule.max_minutes
                 logger.error("the rollover ran longer than schedule.max_minutes (%g) and was stopped", minutes)
-                with self.store.transaction():  # the lock file died with it; the run's row says what happened
-                    self.store.db.execute("UPDATE rollover_runs SET status = 'timed out', finished_at = ? "
-                                          "WHERE status = 'running'", [now()])
+                self.store.time_out_runs()  # the lock file died with it; the run's row says what happened
                 return 124, f"stopped after {minutes:g} minutes (schedule.max_minutes); the serving generations are unchanged"
             text = output.decode(errors="replace").strip()  # one verdict per lineage (Outcome.line)
             logger.info("rollover exited with %s", process.returncode)

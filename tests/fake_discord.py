@@ -293,8 +293,10 @@ class FakeDiscord:
                            "resource": {"type": body.get("type", 4), "message": message}})
 
     async def _followup(self, request) -> web.Response:
-        body = (request.body or {})
-        return self._json(self._message("500", body if isinstance(body, dict) else {}))
+        body = request.body if isinstance(request.body, dict) else {}
+        message = self._message("500", body)
+        self.messages[message["id"]] = message  # a followup's buttons can be clicked too
+        return self._json(message)
 
     def _message(self, channel: str, body: dict) -> dict:
         return {"id": str(next(self._ids)), "channel_id": channel, "type": 0, "content": body.get("content", ""),

@@ -5,7 +5,7 @@ import pytest
 from bot.admin import Admin
 from bot.cli import main
 from bot.engine import UserRef
-from tests.test_rollover import LENIENT, STRICT, nights
+from tests.conftest import LENIENT, STRICT, nights, write_config
 
 ALICE = UserRef("test", "alice")
 
@@ -39,7 +39,7 @@ async def test_status_learned_and_chart(two_generations, tmp_path):
 
 async def test_cli_generations_promote_rollback(two_generations, settings, capsys, monkeypatch):
     monkeypatch.setenv("BANRYEO_SETTINGS_JSON", "")
-    args = ["--config", str(_write_config(settings))]
+    args = ["--config", str(write_config(settings))]
     assert main(args + ["generations", ALICE.id]) == 0
     out = capsys.readouterr().out
     assert "* gen-1" in out and "rejected" in out and "does not beat the base" in out
@@ -53,9 +53,3 @@ async def test_cli_generations_promote_rollback(two_generations, settings, capsy
     assert "no generation 7" in capsys.readouterr().err
     assert main(args + ["learned", ALICE.id]) == 0
     assert "base model" in capsys.readouterr().out
-
-
-def _write_config(settings):
-    path = settings.storage.data_dir / "banryeo.toml"
-    path.write_text(f'[storage]\ndata_dir = "{settings.storage.data_dir}"\n[model]\nname = "{settings.model.name}"\n')
-    return path

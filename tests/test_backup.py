@@ -5,7 +5,7 @@ import threading
 
 from bot.cli import main
 from bot.engine import UserRef
-from tests.test_admin import _write_config
+from tests.conftest import write_config
 
 ALICE = UserRef("test", "alice")
 
@@ -30,7 +30,7 @@ async def test_backup_while_writing_is_consistent_and_complete(engine, settings,
     thread = threading.Thread(target=keep_writing)
     thread.start()
     try:
-        assert main(["--config", str(_write_config(settings)), "backup", str(tmp_path / "backups")]) == 0
+        assert main(["--config", str(write_config(settings)), "backup", str(tmp_path / "backups")]) == 0
     finally:
         stop.set()
         thread.join()

@@ -1,7 +1,7 @@
 """Training data from stored picks and thumbs, and a KTO stage on the tiny model."""
 
 from bot.engine import UserRef
-from tests.test_rollover import LENIENT, configure, make_picks
+from tests.conftest import LENIENT, configure, make_picks
 from bot.config import TrainingSettings
 from training.dataset import overdone_pairs, pick_pairs, plan_night, trim_prompt
 from training.rollover import run_rollover

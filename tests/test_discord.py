@@ -2,72 +2,15 @@
 
 import asyncio
 
-import discord
 import pytest
 
-from bot.admin import Admin
-from bot.discord_bot import PICK_EMOJIS, REGENERATE, create_discord_bot
+from bot.discord_bot import PICK_EMOJIS, REGENERATE
+from tests.conftest import answer, pick_buttons, send_and_get_offer
 from tests.fake_discord import BOT_USER, FakeDiscord, user
 
 ALICE = user(42, "alice")
 MALLORY = user(66, "mallory")
 ADMIN = user(7, "admin")
-
-
-@pytest.fixture
-async def discord_env(engine, settings):
-    original = (discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
-    fake = FakeDiscord()
-    await fake.start()
-    settings.discord.api_base = fake.api_base
-    settings.discord.gateway_url = fake.gateway_url
-    settings.admins = ["discord:7"]
-    bot = create_discord_bot(engine, Admin(engine.store, settings), settings, guild_ready_timeout=0)
-    fake.bot = bot
-    await bot.login(fake.token)
-    task = asyncio.create_task(bot.connect(reconnect=True))
-    await asyncio.wait_for(bot.wait_until_ready(), 30)
-    yield fake, bot
-    await bot.close()
-    await asyncio.wait_for(task, 30)
-    await fake.stop()
-    discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = original
-
-
-async def send_and_get_offer(fake, author=ALICE, text="안녕! 오늘 피곤했어"):
-    start = len(fake.calls)
-    await fake.dm(author, text)
-    typing_at, _ = await fake.wait_for("POST", "/typing", after=start)
-    at, body = await fake.wait_for("POST", "/channels/500/messages", after=start)
-    while "1️⃣" not in body["content"]:  # the greeting comes first on a new conversation
-        at, body = await fake.wait_for("POST", "/channels/500/messages", after=at + 1)
-    assert typing_at < at
-    message_id = next(mid for mid, m in fake.messages.items() if m["content"] == body["content"])
-    for _ in range(100):  # the bot links the message to its candidate set once Discord answered the post
-        if bot_store(fake).set_for_message("discord", message_id):
-            break
-        await asyncio.sleep(0.05)
-    return message_id, body
-
-
-def bot_store(fake):
-    return fake.bot.engine.store
-
-
-async def answer(fake, at: int, timeout: float = 60):
-    """What the user is shown for the interaction sent after call `at`: the callback's message, or, after a
-    deferral, the followup (type 5) or the edit of the pressed message (type 6) it promised."""
-    index, callback = await fake.wait_for("POST", "/callback", after=at, timeout=timeout)
-    if callback["type"] == 5:
-        return (await fake.wait_for("POST", "/webhooks/", after=index + 1, timeout=timeout))[1]
-    if callback["type"] == 6:
-        return (await fake.wait_for("PATCH", "/messages/@original", after=index + 1, timeout=timeout))[1]
-    return callback["data"]
-
-
-def pick_buttons(body) -> list[str]:
-    return [c["custom_id"] for row in body["components"] for c in row["components"]
-            if c["custom_id"].startswith("banryeo:pick:")]
 
 
 async def test_dm_offer_reaction_pick_and_edit(discord_env, engine):
@@ -156,21 +99,21 @@ async def test_admin_commands_only_for_admins(discord_env, engine):
         await fake.slash(ADMIN, "status")
     at = len(fake.calls)
     await fake.slash(MALLORY, "status", guild="900", permissions="8")  # a server admin is not a bot admin
-    _, refused = await fake.wait_for("POST", "/callback", after=at)
-    assert refused["data"]["flags"] & 64 and "관리자만" in refused["data"]["content"]
+    refused = await answer(fake, at)
+    assert refused["flags"] & 64 and "관리자만" in refused["content"]
     at = len(fake.calls)
     await fake.slash(ADMIN, "status", guild="900", permissions="8")
-    _, status = await fake.wait_for("POST", "/callback", after=at)
-    assert "serving" in status["data"]["content"]
+    status = await answer(fake, at)
+    assert status["flags"] & 64 and "serving" in status["content"]
     at = len(fake.calls)
     await fake.slash(MALLORY, "rollback", [{"name": "lineage", "type": 3, "value": "discord:42"}], guild="900")
-    _, refused = await fake.wait_for("POST", "/callback", after=at)
-    assert "관리자만" in refused["data"]["content"]
+    assert "관리자만" in (await answer(fake, at))["content"]
     at = len(fake.calls)
     await fake.slash(ADMIN, "train", guild="900", permissions="8")
-    _, started = await fake.wait_for("POST", "/callback", after=at)
-    _, finished = await fake.wait_for("POST", "/webhooks/", after=at, timeout=120)
-    assert "학습을 시작할게" in started["data"]["content"] and "학습 끝" in finished["content"]
+    started = await answer(fake, at)
+    index, _ = await fake.wait_for("POST", "/webhooks/", after=at)
+    _, finished = await fake.wait_for("POST", "/webhooks/", after=index + 1, timeout=120)
+    assert "학습을 시작할게" in started["content"] and "학습 끝" in finished["content"]
 
 
 async def test_user_commands_and_guilds(discord_env, engine):
@@ -181,13 +124,18 @@ async def test_user_commands_and_guilds(discord_env, engine):
     assert "Sam(으)로 바꿨어" in switched["content"] and "\nSam: " in switched["content"]
     assert "Sam은(는) 다른 언어로 대답해. 한국어로 이야기하려면 /persona haru" in switched["content"]
     at = len(fake.calls)
+    await fake.slash(ALICE, "persona", [{"name": "name", "type": 3, "value": "nobody"}])
+    refused = await answer(fake, at)  # the public "thinking…" is replaced by a refusal only Alice sees
+    assert refused["flags"] & 64 and "'nobody'" in refused["content"]
+    assert fake.count("DELETE", "/messages/@original") == 1
+    at = len(fake.calls)
     await fake.slash(ALICE, "learning", [{"name": "choice", "type": 3, "value": "off"}])
     reply = await answer(fake, at)
     assert "/learning on" in reply["content"] and engine.store.user("discord:42")["learning_opt_out"] == 1
     at = len(fake.calls)
     await fake.slash(ALICE, "help")
-    _, helped = await fake.wait_for("POST", "/callback", after=at)
-    assert "/forget" in helped["data"]["content"] and "👍" in helped["data"]["content"]
+    helped = await answer(fake, at)
+    assert "/forget" in helped["content"] and "👍" in helped["content"] and helped["flags"] & 64
     at = len(fake.calls)
     await fake.dispatch("MESSAGE_CREATE", {**(await _guild_message()), "guild_id": "900"})
     await asyncio.sleep(0.5)
@@ -260,10 +208,10 @@ async def test_export_forget_with_confirmation_and_pause(discord_env, engine):
 
     at = len(fake.calls)
     await fake.slash(ALICE, "forget")
-    _, asked = await fake.wait_for("POST", "/callback", after=at)
-    assert "되돌릴 수 없어" in asked["data"]["content"]
-    buttons = [c["custom_id"] for row in asked["data"]["components"] for c in row["components"]]
-    confirm = next(m for m in fake.messages.values() if m["content"] == asked["data"]["content"])
+    asked = await answer(fake, at)
+    assert "되돌릴 수 없어" in asked["content"] and asked["flags"] & 64
+    buttons = [c["custom_id"] for row in asked["components"] for c in row["components"]]
+    confirm = next(m for m in fake.messages.values() if m["content"] == asked["content"])
     at = len(fake.calls)
     await fake.click(MALLORY, confirm["id"], buttons[0])  # not hers to confirm
     _, refused = await fake.wait_for("POST", "/callback", after=at)
@@ -277,8 +225,8 @@ async def test_export_forget_with_confirmation_and_pause(discord_env, engine):
 
     at = len(fake.calls)
     await fake.slash(MALLORY, "pause", guild="900")
-    _, refused = await fake.wait_for("POST", "/callback", after=at)
-    assert "관리자만" in refused["data"]["content"] and engine.store.flag("learning_paused") is None
+    refused = await answer(fake, at)
+    assert "관리자만" in refused["content"] and engine.store.flag("learning_paused") is None
     at = len(fake.calls)
     await fake.slash(ADMIN, "pause", guild="900", permissions="8")
     await fake.wait_for("POST", "/callback", after=at)
@@ -427,10 +375,10 @@ async def test_commands_are_answered_within_discords_deadline_while_a_reply_is_s
     await fake.dm(ALICE, "안녕! 오래 생각해 줘")
     await asyncio.wait_for(held.sampling.wait(), 30)  # Alice's lock is held until the reply is sampled
     at = len(fake.calls)
-    await fake.slash(ALICE, "forget")
-    _, asked = await fake.wait_for("POST", "/callback", after=at)
-    confirm = next(m for m in fake.messages.values() if m["content"] == asked["data"]["content"])
-    delete = [c["custom_id"] for row in asked["data"]["components"] for c in row["components"]][0]
+    await fake.slash(ALICE, "forget")  # no lock needed to ask: it is answered at once
+    asked = await answer(fake, at)
+    confirm = next(m for m in fake.messages.values() if m["content"] == asked["content"])
+    delete = [c["custom_id"] for row in asked["components"] for c in row["components"]][0]
     at = len(fake.calls)
     for name, options in [("reset", None), ("start", None), ("persona", [{"name": "name", "type": 3, "value": "sam"}]),
                           ("learning", [{"name": "choice", "type": 3, "value": "off"}]), ("export", None)]:
@@ -519,8 +467,7 @@ async def test_admin_commands_only_in_the_admin_server(admin_guild, discord_env,
         await fake.slash(ADMIN, "status", guild="901", permissions="8")
     at = len(fake.calls)
     await fake.slash(ADMIN, "status", guild="900", permissions="8")
-    _, status = await fake.wait_for("POST", "/callback", after=at)
-    assert "serving" in status["data"]["content"]
+    assert "serving" in (await answer(fake, at))["content"]
 
 
 def test_offers_fit_discords_message_limit():

@@ -21,7 +21,7 @@ async def test_message_offers_distinct_candidates_and_stores_everything(engine, 
     assert row["status"] == "open" and row["user_id"] == ALICE.id
     assert [c["text"] for c in row["candidates"]] == offer.texts
     assert row["prompt"].endswith("하루:")
-    assert row["generation"] == "base" and row["model"] == engine.backend.name
+    assert row["generation"] == "base" and row["model"] == engine.tokenizer.name
     assert '"temperature"' in row["sampling_json"] and row["candidates"][0]["sampling_json"] == row["sampling_json"]
 
 
@@ -124,7 +124,7 @@ async def test_reset_and_persona_switch_start_new_conversations(engine, store):
 
     assert engine.language_of(ALICE) == "ko"
     opening = await engine.set_persona(ALICE, "sam")
-    assert opening.persona == "Sam" and engine.language_of(ALICE) == "en"
+    assert opening.persona_name == "Sam" and engine.language_of(ALICE) == "en"
     with pytest.raises(EngineError) as err:
         await engine.set_persona(ALICE, "nobody")
     assert err.value.key == "persona_unknown" and "haru" in err.value.params["personas"]
@@ -145,7 +145,7 @@ async def test_picks_become_preference_records_without_guessing(engine, store):
 
 async def test_one_users_generation_does_not_block_another_users_pick(engine, store):
     bob_offer = await engine.on_message(BOB, "안녕")
-    engine.backend.lock.acquire()  # the model is busy: Alice's sampling has to wait
+    engine.generator.backend.lock.acquire()  # the model is busy: Alice's sampling has to wait
     try:
         alice = asyncio.create_task(engine.on_message(ALICE, "안녕"))
         await asyncio.sleep(0.05)
@@ -153,7 +153,7 @@ async def test_one_users_generation_does_not_block_another_users_pick(engine, st
         assert picked.text == bob_offer.texts[0]
         assert not alice.done()
     finally:
-        engine.backend.lock.release()
+        engine.generator.backend.lock.release()
     assert (await alice).texts
 
 
@@ -188,7 +188,7 @@ async def test_a_vanished_or_broken_persona_file_falls_back_to_the_default(engin
     card_copy = type(card)(**{**card.__dict__, "key": "mine", "name": "Mina"})
     path = engine.personas.save(card_copy)
     opening = await engine.set_persona(ALICE, "mine")
-    assert opening.persona == "Mina"
+    assert opening.persona_name == "Mina"
     path.write_text("name = \n")  # corrupt
     offer = await engine.on_message(ALICE, "hello?")
     assert offer.texts and store.candidate_set(offer.id)["persona"] == "haru"
@@ -212,7 +212,7 @@ async def test_a_user_sending_too_fast_is_asked_to_slow_down_and_nothing_is_stor
 
 async def test_a_full_model_queue_answers_busy_instead_of_waiting_forever(engine, store, settings):
     settings.serving.max_queue = 1
-    engine.backend.lock.acquire()  # the model is stuck on a long batch
+    engine.generator.backend.lock.acquire()  # the model is stuck on a long batch
     try:
         alice = asyncio.create_task(engine.on_message(ALICE, "안녕"))
         for _ in range(100):
@@ -223,7 +223,7 @@ async def test_a_full_model_queue_answers_busy_instead_of_waiting_forever(engine
             await engine.on_message(BOB, "나도 안녕")
         assert refused.value.key == "busy" and store.user(BOB.id) is None  # refused before anything is stored
     finally:
-        engine.backend.lock.release()
+        engine.generator.backend.lock.release()
     assert (await alice).texts
     assert (await engine.on_message(BOB, "이제 돼?")).texts
 

@@ -24,7 +24,7 @@ import asyncio, sys
 from bot.config import load_settings
 from bot.cli import build_engine
 from bot.engine import UserRef
-from training.rollover import promote
+from bot.generations import promote
 
 async def chat(engine, endless):
     i = 0

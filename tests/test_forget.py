@@ -11,9 +11,9 @@ import pytest
 
 from bot.cli import main
 from bot.engine import UserRef
-from bot.lineage import lineage_dir
+from bot.generations import lineage_dir
 from bot.store import Store
-from tests.test_admin import _write_config
+from tests.conftest import write_config
 from training.rollover import run_rollover
 
 ALICE = UserRef("test", "alice")
@@ -151,7 +151,7 @@ async def test_backups_are_private_expire_and_a_user_can_be_purged_from_them(eng
     await make_picks(engine, ALICE, text=SECRET)
     await make_picks(engine, BOB)
     run_rollover(settings)
-    config = str(_write_config(settings))
+    config = str(write_config(settings))
     backups = tmp_path / "backups"
     old = backups / "banryeo-20200101-000000"
     old.mkdir(parents=True)

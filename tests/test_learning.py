@@ -7,7 +7,7 @@ About ten CPU minutes each. Fuller runs with more figures, the speech style too:
 import pytest
 
 from bot.config import Settings
-from bot.lineage import adapter_name
+from bot.generations import adapter_name
 from bot.model import ModelBackend
 from bot.store import Store
 from training import scenarios

@@ -7,7 +7,7 @@ first lesson is kept.
 """
 
 from bot.config import TrainingSettings
-from bot.lineage import adapter_name
+from bot.generations import adapter_name
 from training import scenarios
 from training.gate import pick_accuracy
 from training.rollover import run_rollover

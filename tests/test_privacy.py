@@ -4,8 +4,8 @@ import logging
 
 from bot.cli import configure_logging
 from tests.fake_discord import user as discord_user
-from tests.test_discord import discord_env, send_and_get_offer  # noqa: F401  (fixture)
-from tests.test_telegram import ALICE, buttons, say, telegram_env  # noqa: F401  (fixture)
+from tests.conftest import TELEGRAM_ALICE as ALICE
+from tests.conftest import buttons, say, send_and_get_offer
 
 SECRET = "내 비밀번호는 hunter2야"
 

@@ -12,43 +12,12 @@ from pathlib import Path
 import pytest
 
 from bot.engine import UserRef
-from training.rollover import EXIT_BUSY, RolloverBusy, lineage_dir, rollback, rollover_lock, run_rollover
+from bot.generations import lineage_dir, rollback
+from tests.conftest import LENIENT, STRICT, configure, make_picks, nights
+from training.rollover import EXIT_BUSY, RolloverBusy, rollover_lock, run_rollover
 
 ALICE = UserRef("test", "alice")
 ROOT = Path(__file__).resolve().parents[1]
-LENIENT = {"min_accuracy": 0.0, "min_gain_over_base": -1.0, "max_drop_from_current": 1.0, "min_distinct2_ratio": 0.0, "max_self_bleu_ratio": 100.0,
-           "max_repetition_rate": 1.0, "length_band": (0.0, 100.0), "max_kl_per_token": 1e9,
-           "probe_contexts": 2, "samples_per_context": 2}
-STRICT = {**LENIENT, "min_gain_over_base": 1.0}  # nothing can beat the base by a whole accuracy point
-
-
-def configure(settings, gate):
-    settings.training.min_new_picks = 4
-    settings.training.epochs = 1
-    settings.training.batch_size = 2
-    settings.training.grad_accum = 1
-    for key, value in gate.items():
-        setattr(settings.gate, key, value)
-    return settings
-
-
-async def nights(engine, settings, *gates):
-    """One night per gate setting, each after a few new picks; returns the outcomes."""
-    outcomes = []
-    for gate in gates:
-        configure(settings, gate)
-        await make_picks(engine)
-        outcomes += run_rollover(settings)
-    return outcomes
-
-
-async def make_picks(engine, user=ALICE, count=6):
-    for i in range(count):
-        offer = await engine.on_message(user, f"오늘 뭐 먹지? {i}")
-        if not offer.auto_picked:
-            await engine.on_pick(user, offer.id, 0)
-
-
 async def test_a_passed_gate_promotes_and_the_engine_serves_it_without_restart(engine, settings, tiny_backend):
     configure(settings, LENIENT)
     await make_picks(engine)
@@ -76,13 +45,13 @@ async def test_a_reply_in_flight_finishes_on_the_generation_it_started_with(engi
     await nights(engine, settings, LENIENT, LENIENT)
     rollback(engine.store, ALICE.id, 1)
     assert (await engine.on_message(ALICE, "1세대")).generation == "user-test-alice-gen-1"
-    engine.backend.lock.acquire()  # the model is busy; the next reply waits with its generation chosen
+    engine.generator.backend.lock.acquire()  # the model is busy; the next reply waits with its generation chosen
     try:
         in_flight = asyncio.create_task(engine.on_message(ALICE, "도중에"))
         await asyncio.sleep(0.2)
         rollback(engine.store, ALICE.id, 2)  # promoted while that reply waits
     finally:
-        engine.backend.lock.release()
+        engine.generator.backend.lock.release()
     assert (await in_flight).generation == "user-test-alice-gen-1"
     assert (await engine.on_message(ALICE, "다음")).generation == "user-test-alice-gen-2"
     statuses = [s["status"] for s in engine.store.db.query("SELECT status FROM candidate_sets ORDER BY rowid")]
@@ -107,7 +76,7 @@ async def test_rollback_and_promote_by_number(engine, settings):
     assert rollback(store, ALICE.id)["number"] == 1         # default: the parent
     assert (await engine.on_message(ALICE, "롤백")).generation == "user-test-alice-gen-1"
     assert rollback(store, ALICE.id, 2)["number"] == 2
-    assert rollback(store, ALICE.id, None) is not None       # 2 -> its parent 1
+    assert rollback(store, ALICE.id, None)["number"] == 1   # 2 -> its parent 1
     assert rollback(store, ALICE.id) is None                 # 1 has no parent: the base model
     assert (await engine.on_message(ALICE, "베이스")).generation == "base"
     with pytest.raises(ValueError, match="base model"):

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 from bot.admin import Admin
 from bot.engine import UserRef
 from schedules.nightly import JOB_ID, NightlyRollover
-from tests.test_rollover import LENIENT, configure, make_picks
+from tests.conftest import LENIENT, configure, make_picks
 
 SEOUL = ZoneInfo("Asia/Seoul")
 

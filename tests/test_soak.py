@@ -20,7 +20,7 @@ from tests.fake_discord import FakeDiscord
 from tests.fake_discord import user as discord_user
 from tests.fake_telegram import FakeTelegram
 from tests.fake_telegram import user as telegram_user
-from tests.test_rollover import LENIENT, configure
+from tests.conftest import LENIENT, configure
 from training.rollover import run_rollover
 
 USERS_PER_PLATFORM, MESSAGES_PER_USER = 6, 3

@@ -18,61 +18,12 @@ from bot.telegram_bot import (MESSAGE_LIMIT, TelegramCompanion, build_applicatio
                               run_telegram)
 from tests.fake_discord import FakeDiscord
 from tests.fake_discord import user as discord_user
+from tests.conftest import answer_to, buttons, next_offer, say, sent_after
 from tests.fake_telegram import BOT_USER, FakeTelegram, group, user
 
 ALICE = user(42, "Alice")
 MALLORY = user(66, "Mallory")
 ADMIN = user(7, "Admin")
-
-
-@pytest.fixture
-async def telegram_env(engine, settings):
-    fake = FakeTelegram()
-    await fake.start()
-    settings.telegram.api_base = fake.base_url
-    settings.telegram.poll_timeout = 1
-    settings.admins = ["telegram:7"]
-    companion = TelegramCompanion(engine, Admin(engine.store, settings), settings)
-    application = build_application(companion, fake.token)
-    task = asyncio.create_task(run_telegram(application, companion, settings))
-    await fake.wait_attempt("getUpdates", timeout=30)
-    yield fake
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await fake.stop()
-
-
-def sent_after(fake, at: int, method: str = "sendMessage") -> list[dict]:
-    return [params for m, params in fake.calls[at:] if m == method]
-
-
-async def next_offer(fake, at: int) -> tuple[int, dict]:
-    """The next message with candidate buttons after call index `at`: (message_id, message)."""
-    while True:
-        at, params = await fake.wait_for("sendMessage", after=at)
-        if "pick:" in json.dumps(params.get("reply_markup") or {}):
-            message = next(m for m in reversed(list(fake.messages.values())) if m.get("text") == params["text"])
-            return message["message_id"], message
-        at += 1
-
-
-def buttons(message: dict) -> list[str]:
-    return [b["callback_data"] for row in message["reply_markup"]["inline_keyboard"] for b in row]
-
-
-async def answer_to(fake, author, text: str, **where) -> dict:
-    """Send `text` as `author` (in `chat=...` when given); the bot's next message."""
-    at = len(fake.calls)
-    await fake.send(author, text, **where)
-    _, reply = await fake.wait_for("sendMessage", after=at)
-    return reply
-
-
-async def say(fake, text: str, author=ALICE) -> tuple[int, dict]:
-    at = len(fake.calls)
-    await fake.send(author, text)
-    return await next_offer(fake, at)
 
 
 async def test_start_message_pick_and_edit(telegram_env, engine):
@@ -429,5 +380,6 @@ async def test_the_users_app_language_chooses_the_bots_words(telegram_env, engin
     minsu = user(89, "민수", language_code="ko")
     switched = await answer_to(fake, minsu, "/persona sam")  # a Korean app with the English persona
     assert switched["text"].startswith("페르소나를 Sam(으)로 바꿨어") and "/persona haru" in switched["text"]
+    assert "There is no persona 'nobody'" in (await answer_to(fake, jane, "/persona nobody"))["text"]
     other = user(90, "Pierre", language_code="fr")  # no texts in French: the persona's language
     assert (await answer_to(fake, other, "/help"))["text"].startswith("말을 걸면")

@@ -33,8 +33,8 @@ def test_the_vllm_backend_loads_only_the_tokenizer(settings):
     settings.serving.backend, settings.serving.vllm_url = "vllm", "http://127.0.0.1:9"
     engine = build_engine(settings)
     try:
-        assert type(engine.backend) is PromptTokenizer
+        assert type(engine.tokenizer) is PromptTokenizer
         assert type(engine.generator).__name__ == "VllmGenerator"
-        assert engine.generator.add_special_tokens == (not engine.backend.use_chat_template)
+        assert engine.generator.add_special_tokens == (not engine.tokenizer.use_chat_template)
     finally:
         engine.close()

@@ -14,7 +14,7 @@ import pytest
 
 from bot.config import SamplingSettings, ServingSettings
 from bot.serving import AdapterError, AdapterRef
-from bot.lineage import parse_adapter_name
+from bot.generations import parse_adapter_name
 from bot.serving.vllm import VllmError, VllmGenerator
 from tests.fake_vllm import FakeVllm
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 
 def plot_generations(generations: list[dict], lineage: str, path: Path) -> Path:
     """One point per generation; promoted ones filled, rejected ones hollow."""
+    import matplotlib  # imported when a chart is drawn: the bot starts without it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     if not generations:
         raise ValueError(f"{lineage} has no generations yet")
     numbers = [g["number"] for g in generations]

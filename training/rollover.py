@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bot.config import Settings, load_settings
-from bot.lineage import RETRAIN_FROM_BASE, SHARED, GenerationError, adapter_name, lineage_dir
+from bot.generations import RETRAIN_FROM_BASE, SHARED, adapter_name, lineage_dir, next_number, prune
 from bot.model import ModelBackend
-from bot.store import GENERATION_FLOOR, Store, now, private_dir
+from bot.store import Store, now, private_dir
 from training.dataset import plan_night
 from training.gate import GateReport, evaluate, pair_wins, verdict
 from training.train import train_adapter
@@ -91,17 +91,7 @@ def lineages(store: Store, settings: Settings) -> dict[str, list[str] | None]:
     """Lineage -> the users whose picks train it (None: everybody, for the shared lineage)."""
     if settings.training.lineage == "shared":
         return {SHARED: None}
-    users = [row["user_id"] for row in store.db.query("SELECT DISTINCT user_id FROM picks WHERE auto = 0")]
-    return {user: [user] for user in users}
-
-
-def next_number(store: Store, settings: Settings, lineage: str) -> int:
-    """Higher than any generation in the database or on disk (a crash can leave a folder without a row);
-    a lineage without any starts above every number a forgotten lineage reached (never reused names)."""
-    numbers = [g["number"] for g in store.generations(lineage)] or [int(store.flag(GENERATION_FLOOR) or 0)]
-    folder = lineage_dir(settings, lineage)
-    numbers += [int(p.name[4:]) for p in folder.glob("gen-*") if p.name[4:].isdigit()] if folder.exists() else []
-    return max(numbers, default=0) + 1
+    return {user: [user] for user in store.users_with_picks()}
 
 
 def run_rollover(settings: Settings, only: str | None = None, force: bool = False,
@@ -109,7 +99,7 @@ def run_rollover(settings: Settings, only: str | None = None, force: bool = Fals
     """Train, gate and maybe promote each lineage; the previous generation keeps serving on any failure."""
     with rollover_lock(settings):
         store = Store(settings.storage.db_path)
-        run_id = store.db["rollover_runs"].insert({"started_at": now(), "status": "running"}).last_pk
+        run_id = store.start_run()
         outcomes: list[Outcome] = []
         try:
             paused = store.flag("learning_paused")
@@ -133,7 +123,7 @@ def run_rollover(settings: Settings, only: str | None = None, force: bool = Fals
             gone = {o.lineage for o in outcomes if o.lineage != SHARED and store.user(o.lineage) is None}
             summary = json.dumps([o.__dict__ for o in outcomes if o.lineage not in gone], ensure_ascii=False,
                                  default=str)
-            store.db["rollover_runs"].update(run_id, {"finished_at": now(), "status": status, "summary": summary})
+            store.finish_run(run_id, status, summary)
             store.close()
         return outcomes
 
@@ -228,7 +218,7 @@ def _roll(store: Store, settings: Settings, backend: ModelBackend, lineage: str,
                     lineage, number)
         return Outcome(lineage, "skipped", "discarded: a user whose picks it learned from deleted their data or "
                                            "turned learning off while it trained")
-    _prune(store, settings, lineage)
+    prune(store, settings, lineage)
     return Outcome(lineage, status, "; ".join(report.reasons), number, metrics)
 
 
@@ -249,40 +239,6 @@ def _heldout_of(generation: dict | None) -> list[int]:
         return []
     metadata = Path(generation["path"]) / "metadata.json"
     return json.loads(metadata.read_text()).get("heldout_pick_ids", []) if metadata.exists() else []
-
-
-def _prune(store: Store, settings: Settings, lineage: str) -> None:
-    """Keep the newest generation folders (and always the serving one and its parent)."""
-    serving = store.serving(lineage)
-    keep = {serving["id"], serving["parent_id"]} if serving else set()
-    for generation in store.generations(lineage)[: -settings.training.keep_generations]:
-        if generation["id"] not in keep and Path(generation["path"]).exists():
-            shutil.rmtree(generation["path"], ignore_errors=True)
-
-
-def promote(store: Store, lineage: str, number: int | None) -> dict | None:
-    """Serve generation `number` of `lineage` (None: the base model). Returns the generation row."""
-    if number is None:
-        store.set_serving(lineage, None)
-        return None
-    generation = next((g for g in store.generations(lineage) if g["number"] == number), None)
-    if generation is None:
-        raise GenerationError(f"{lineage} has no generation {number}")
-    if not (Path(generation["path"]) / "adapter_config.json").exists():
-        raise GenerationError(f"generation {number} of {lineage} has no adapter on disk ({generation['path']})")
-    store.set_serving(lineage, generation["id"])
-    return generation
-
-
-def rollback(store: Store, lineage: str, number: int | None = None) -> dict | None:
-    """Serve `number`, or by default the parent of the serving generation (the base if it has none)."""
-    if number is None:
-        serving = store.serving(lineage)
-        if serving is None:
-            raise GenerationError(f"{lineage} already serves the base model")
-        parent = store.generation(serving["parent_id"]) if serving["parent_id"] else None
-        number = parent["number"] if parent else None
-    return promote(store, lineage, number)
 
 
 def main(argv: list[str] | None = None) -> int:

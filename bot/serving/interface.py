@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from bot.config import SamplingSettings
-from bot.lineage import parse_adapter_name
+from bot.generations import parse_adapter_name
 
 
 @dataclass(frozen=True)
