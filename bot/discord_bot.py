@@ -343,17 +343,15 @@ def add_commands(tree: app_commands.CommandTree, admin_guild: discord.abc.Snowfl
             return tree.command(name=name, description=describe(name), guild=admin_guild)(command)
         return register
 
-    @tree.command(name="start", description=describe("start"))
-    async def start_command(interaction: discord.Interaction) -> None:
-        await run_command(interaction, "start")
+    def without_options(name: str):
+        async def command(interaction: discord.Interaction) -> None:
+            await run_command(interaction, name)
+        return command
 
-    @tree.command(name="help", description=describe("help"))
-    async def help_command(interaction: discord.Interaction) -> None:
-        await run_command(interaction, "help")
-
-    @tree.command(name="reset", description=describe("reset"))
-    async def reset_command(interaction: discord.Interaction) -> None:
-        await run_command(interaction, "reset")
+    for name in ("start", "help", "reset", "export", "forget"):
+        tree.command(name=name, description=describe(name))(without_options(name))
+    for name in ("status", "train", "pause", "resume"):
+        admin_command(name)(without_options(name))
 
     @tree.command(name="persona", description=describe("persona"))
     @app_commands.describe(name="persona key, e.g. haru or sam")
@@ -367,22 +365,6 @@ def add_commands(tree: app_commands.CommandTree, admin_guild: discord.abc.Snowfl
     async def learning_command(interaction: discord.Interaction, choice: str | None = None) -> None:
         await run_command(interaction, "learning", choice)
 
-    @tree.command(name="export", description=describe("export"))
-    async def export_command(interaction: discord.Interaction) -> None:
-        await run_command(interaction, "export")
-
-    @tree.command(name="forget", description=describe("forget"))
-    async def forget_command(interaction: discord.Interaction) -> None:
-        await run_command(interaction, "forget")
-
-    @admin_command("status")
-    async def status_command(interaction: discord.Interaction) -> None:
-        await run_command(interaction, "status")
-
-    @admin_command("train")
-    async def train_command(interaction: discord.Interaction) -> None:
-        await run_command(interaction, "train")
-
     @admin_command("rollback")
     @app_commands.describe(lineage="a user id such as discord:1234, or shared", number="generation number")
     async def rollback_command(interaction: discord.Interaction, lineage: str, number: int | None = None) -> None:
@@ -392,14 +374,6 @@ def add_commands(tree: app_commands.CommandTree, admin_guild: discord.abc.Snowfl
     @app_commands.describe(lineage="a user id such as discord:1234, or shared")
     async def stats_command(interaction: discord.Interaction, lineage: str | None = None) -> None:
         await run_command(interaction, "stats", lineage)
-
-    @admin_command("pause")
-    async def pause_command(interaction: discord.Interaction) -> None:
-        await run_command(interaction, "pause")
-
-    @admin_command("resume")
-    async def resume_command(interaction: discord.Interaction) -> None:
-        await run_command(interaction, "resume")
 
 
 def create_discord_bot(engine: DialogueEngine, admin: Admin, settings: Settings, **options) -> CompanionBot:

@@ -156,6 +156,18 @@ async def _guild_message():
             "pinned": False, "flags": 0, "components": []}
 
 
+async def offer_in_server_channel(fake, text: str, message_id: str) -> dict:
+    """Alice mentions the bot in server channel 600; the offer it posts there."""
+    at = len(fake.calls)
+    mention = {**(await _guild_message()), "id": message_id, "guild_id": "900",
+               "content": f"<@{BOT_USER['id']}> {text}", "mentions": [BOT_USER]}
+    await fake.dispatch("MESSAGE_CREATE", mention)
+    _, body = await fake.wait_for("POST", "/channels/600/messages", after=at)
+    while "1️⃣" not in body["content"]:
+        _, body = await fake.wait_for("POST", "/channels/600/messages", after=len(fake.calls))
+    return body
+
+
 async def test_a_user_who_blocked_the_bot_loses_nothing_and_others_go_on(discord_env, engine):
     fake, bot = discord_env
     fake.blocked_channels.add("501")
@@ -321,13 +333,7 @@ async def test_a_server_channel_never_sees_the_private_conversation(discord_env,
     fake, bot = discord_env
     settings.discord.answer_in_guilds = True
     await send_and_get_offer(fake, text="비밀인데 내 비밀번호는 hunter2야")
-    at = len(fake.calls)
-    mention = {**(await _guild_message()), "id": "3002", "guild_id": "900",
-               "content": f"<@{BOT_USER['id']}> 다들 안녕!", "mentions": [BOT_USER]}
-    await fake.dispatch("MESSAGE_CREATE", mention)
-    _, body = await fake.wait_for("POST", "/channels/600/messages", after=at)
-    while "1️⃣" not in body["content"]:
-        _, body = await fake.wait_for("POST", "/channels/600/messages", after=len(fake.calls))
+    await offer_in_server_channel(fake, "다들 안녕!", "3002")
     prompts = [row["prompt"] for row in engine.store.db.query("SELECT prompt FROM candidate_sets ORDER BY created_at")]
     assert "hunter2" in prompts[0] and "다들 안녕!" in prompts[-1] and "hunter2" not in prompts[-1]
     chats = [row["chat"] for row in engine.store.db.query("SELECT chat FROM conversations ORDER BY id")]
@@ -413,12 +419,7 @@ async def test_reaction_picks_in_a_server_channel(discord_env, engine, settings)
     fake, bot = discord_env
     settings.discord.answer_in_guilds = True
     at = len(fake.calls)
-    mention = {**(await _guild_message()), "id": "3003", "guild_id": "900",
-               "content": f"<@{BOT_USER['id']}> 안녕!", "mentions": [BOT_USER]}
-    await fake.dispatch("MESSAGE_CREATE", mention)
-    _, body = await fake.wait_for("POST", "/channels/600/messages", after=at)
-    while "1️⃣" not in body["content"]:
-        _, body = await fake.wait_for("POST", "/channels/600/messages", after=len(fake.calls))
+    body = await offer_in_server_channel(fake, "안녕!", "3003")
     message_id = next(mid for mid, m in fake.messages.items() if m["content"] == body["content"])
     await fake.wait_for("PUT", f"/messages/{message_id}/reactions/{REGENERATE}/@me", after=at)
     set_id = engine.store.set_for_message("discord", message_id)
