@@ -4,7 +4,7 @@ A card is kept as a small TOML file (see FORMAT.md). This module
 
 - reads and checks those files (`load_card`) and writes them back (`dump_card`),
 - imports SillyTavern character cards, V1/V2/V3, as JSON or as PNG (`import_card`),
-- finds cards by key: built-ins in persona/cards/, overridden by a user folder (`PersonaLibrary`).
+- finds cards by key: built-ins in persona/builtin/, overridden by a user folder (`PersonaLibrary`).
 
 Every problem with a file raises `PersonaError` with a one-line message that names the file.
 """
@@ -489,7 +489,7 @@ def key_from_filename(path: Path) -> str:
 
 
 def builtin_cards_dir() -> Path:
-    return Path(__file__).resolve().parent / "cards"
+    return Path(__file__).resolve().parent / "builtin"
 
 
 class PersonaLibrary:
