@@ -17,7 +17,7 @@ from typing import Callable
 
 from bot.admin import Admin
 from bot.commands import Commands, Reply
-from bot.engine import CandidateSet, DialogueEngine, EngineError, UserRef
+from bot.engine import Offer, DialogueEngine, EngineError, UserRef
 from bot.messages import render
 
 CONSOLE_USER = UserRef("console", "local", "")
@@ -45,7 +45,7 @@ class ConsoleChat:
         self.read = read
         self.write = write
         self.user = user
-        self.offer: CandidateSet | None = None  # the latest candidates shown
+        self.offer: Offer | None = None  # the latest candidates shown
 
     def say(self, key: str, **params: object) -> None:
         self.write(render(key, self.engine.language_of(self.user), **params))
@@ -125,14 +125,13 @@ class ConsoleChat:
             self.say("forget_cancelled")
 
     async def pick(self, number: int) -> None:
-        card = self.engine.persona_of(self.user)
         picked = await self.engine.on_pick(self.user, self.offer.id, number - 1)
         if picked.already:
             self.say("pick_already", index=number)
         else:
-            self.write(f"{card.name}: {picked.text}")
+            self.write(f"{picked.persona_name}: {picked.text}")
 
-    def show(self, offer: CandidateSet) -> None:
+    def show(self, offer: Offer) -> None:
         self.offer = offer
         if offer.opening:
             self.write(f"{offer.persona_name}: {offer.opening}")

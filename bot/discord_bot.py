@@ -30,7 +30,7 @@ from discord import app_commands
 
 from bot.admin import Admin
 from bot.config import Settings
-from bot.engine import CandidateSet, DialogueEngine, EngineError, UserRef
+from bot.engine import Offer, DialogueEngine, EngineError, UserRef
 from bot.commands import DESCRIPTIONS, PUBLIC_COMMANDS, Commands
 from bot.messages import NUMBERS, numbered_offer, render
 from bot.messages import fit as fit_within
@@ -76,7 +76,7 @@ def fit(text: str, limit: int = MESSAGE_LIMIT) -> str:
     return fit_within(text, limit)
 
 
-def offer_text(offer: CandidateSet, language: str, notices: list[str]) -> str:
+def offer_text(offer: Offer, language: str, notices: list[str]) -> str:
     """Numbered candidates in one message within Discord's 2,000 characters."""
     return numbered_offer(offer.texts, notices, language, MESSAGE_LIMIT)
 
@@ -128,7 +128,7 @@ class RegenerateButton(discord.ui.DynamicItem[discord.ui.Button], template=r"ban
             await interaction.edit_original_response(view=None)  # the replaced candidates can't be picked
 
 
-def offer_view(offer: CandidateSet) -> discord.ui.View:
+def offer_view(offer: Offer) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     for index in range(len(offer.texts)):
         view.add_item(PickButton(offer.id, index))
@@ -210,7 +210,7 @@ class CompanionBot(discord.Client):
             return
         await self.send_offer(message.channel, user, offer)
 
-    async def send_offer(self, channel: discord.abc.Messageable, user: UserRef, offer: CandidateSet) -> None:
+    async def send_offer(self, channel: discord.abc.Messageable, user: UserRef, offer: Offer) -> None:
         language = offer.language
         if offer.opening:
             await channel.send(fit(f"{offer.persona_name}: {offer.opening}"))

@@ -2,7 +2,7 @@
 
     engine = DialogueEngine(store, tokenizer, personas, settings)
     opening = await engine.open(user)                   # greeting when a conversation starts
-    offer = await engine.on_message(user, "배고파")     # -> CandidateSet with N numbered replies
+    offer = await engine.on_message(user, "배고파")     # -> Offer with N numbered replies
     picked = await engine.on_pick(user, offer.id, 1)    # 0-based index; the pick continues the chat
     await engine.on_thumb(user, offer.id, +1)           # thumbs up/down on the picked reply
     offer = await engine.regenerate(user)               # new candidates for the same message
@@ -75,8 +75,9 @@ class Notice:
 
 
 @dataclass
-class CandidateSet:
-    """The candidate replies offered for one message (an "offer"; stored as a candidate set)."""
+class Offer:
+    """The candidate replies offered for one message. Stored as a candidate set (`candidate_sets`), whose
+    id (`set_id` in the store and in button data) is the offer's id."""
 
     id: str
     texts: list[str]
@@ -233,7 +234,7 @@ class DialogueEngine:
             _, greeting = self._start_conversation(user)
             return Opening(greeting, card.name, self.language_hint(user))
 
-    async def on_message(self, user: UserRef, text: str) -> CandidateSet:
+    async def on_message(self, user: UserRef, text: str) -> Offer:
         """Store the user's message and offer candidate replies for it."""
         text = text.replace("\x00", "").strip()
         if not text:
@@ -256,7 +257,7 @@ class DialogueEngine:
                 offer.notices.insert(0, hint)
             return offer
 
-    async def regenerate(self, user: UserRef, set_id: str | None = None) -> CandidateSet:
+    async def regenerate(self, user: UserRef, set_id: str | None = None) -> Offer:
         """New candidates for the user's latest message (while no reply to it has been picked).
 
         With `set_id` (a 🔄 pressed on a particular offer) that offer must be the user's open one.
@@ -396,7 +397,7 @@ class DialogueEngine:
             raise EngineError("pick_already", index=earlier["idx"] + 1)
         return Picked(offer["id"], index, earlier["text"], already=True)
 
-    async def _offer(self, user: UserRef, conversation_id: int, user_turn_id: int) -> CandidateSet:
+    async def _offer(self, user: UserRef, conversation_id: int, user_turn_id: int) -> Offer:
         card = self.persona_of(user)
         # reading a long conversation and counting its tokens: off the event loop, where others' events wait
         prompt, notices = await asyncio.to_thread(self._prompt, card, conversation_id, user_turn_id)
@@ -417,7 +418,7 @@ class DialogueEngine:
         auto = len(texts) == 1
         if auto:
             self.store.record_pick(self.store.candidate_set(set_id), 0, auto=True)
-        return CandidateSet(set_id, texts, notices, auto_picked=auto, generation=generation, persona_name=card.name,
+        return Offer(set_id, texts, notices, auto_picked=auto, generation=generation, persona_name=card.name,
                             language=self.language_of(user))
 
     def _prompt(self, card: PersonaCard, conversation_id: int, user_turn_id: int) -> tuple[Prompt, list[Notice]]:

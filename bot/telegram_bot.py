@@ -39,7 +39,7 @@ from telegram.ext import (AIORateLimiter, Application, ApplicationBuilder, Callb
 from bot.admin import Admin
 from bot.commands import ADMIN_COMMANDS, DESCRIPTIONS, USER_COMMANDS, Commands, Reply
 from bot.config import ConfigError, Settings
-from bot.engine import CandidateSet, DialogueEngine, EngineError, UserRef
+from bot.engine import Offer, DialogueEngine, EngineError, UserRef
 from bot.messages import NUMBERS, numbered_offer, render
 from bot.messages import fit as fit_within
 
@@ -91,7 +91,7 @@ def parse_button(data: str | None) -> Button | None:
     return None
 
 
-def offer_keyboard(offer: CandidateSet) -> InlineKeyboardMarkup:
+def offer_keyboard(offer: Offer) -> InlineKeyboardMarkup:
     picks = [InlineKeyboardButton(NUMBERS[i], callback_data=f"pick:{offer.id}:{i}") for i in range(len(offer.texts))]
     return InlineKeyboardMarkup([[*picks, InlineKeyboardButton("🔄", callback_data=f"regen:{offer.id}")]])
 
@@ -101,7 +101,7 @@ def thumbs_keyboard(set_id: str) -> InlineKeyboardMarkup:
                                   InlineKeyboardButton("👎", callback_data=f"thumb:{set_id}:down")]])
 
 
-def offer_text(offer: CandidateSet, language: str, notices: list[str]) -> str:
+def offer_text(offer: Offer, language: str, notices: list[str]) -> str:
     """Numbered candidates in one message within Telegram's 4,096 characters."""
     return numbered_offer(offer.texts, notices, language, MESSAGE_LIMIT, gap="\n\n")
 
@@ -157,7 +157,7 @@ class TelegramCompanion:
         await self.send_offer(context, chat_id, user, offer)
 
     async def send_offer(self, context: ContextTypes.DEFAULT_TYPE, chat_id: int, user: UserRef,
-                         offer: CandidateSet) -> None:
+                         offer: Offer) -> None:
         language, name = offer.language, offer.persona_name
         if offer.opening:
             await context.bot.send_message(chat_id, fit(f"{name}: {offer.opening}"))

@@ -473,9 +473,9 @@ async def test_admin_commands_only_in_the_admin_server(admin_guild, discord_env,
 
 def test_offers_fit_discords_message_limit():
     from bot.discord_bot import MESSAGE_LIMIT, offer_text
-    from bot.engine import CandidateSet, Notice
+    from bot.engine import Offer, Notice
 
-    offer = CandidateSet("abc", ["가" * 3000, "나" * 1500, "다"], [Notice("fewer_candidates", {"count": 3})])
+    offer = Offer("abc", ["가" * 3000, "나" * 1500, "다"], [Notice("fewer_candidates", {"count": 3})])
     text = offer_text(offer, "ko", ["메시지가 너무 길어서 앞뒤만 읽었어."])
     assert len(text) <= MESSAGE_LIMIT
     assert text.count("…") == 2 and "3️⃣ 다" in text and "(1-3)" in text

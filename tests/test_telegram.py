@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from bot.admin import Admin
-from bot.engine import CandidateSet, Notice, UserRef
+from bot.engine import Offer, Notice, UserRef
 from bot.telegram_bot import (MESSAGE_LIMIT, TelegramCompanion, build_application, offer_text, parse_button,
                               run_telegram)
 from tests.fake_discord import FakeDiscord
@@ -279,7 +279,7 @@ async def test_polling_survives_an_outage_and_nothing_sent_meanwhile_is_lost(tel
 
 
 def test_offers_fit_telegrams_message_limit():
-    offer = CandidateSet("abc", ["가" * 5000, "나" * 3000, "다"], [Notice("fewer_candidates", {"count": 3})])
+    offer = Offer("abc", ["가" * 5000, "나" * 3000, "다"], [Notice("fewer_candidates", {"count": 3})])
     text = offer_text(offer, "en", ["Your message was long."])
     assert len(text) <= MESSAGE_LIMIT and text.count("…") == 2 and "3️⃣ 다" in text
 
