@@ -7,10 +7,14 @@ The package is split by concern:
     tokenizer.py a model's tokenizer alone: token counts, chat templates, control tokens
     serving/     generators: many users' adapters in one local batch, or on a vLLM server
     prompt.py    turning a persona and a history into a prompt, and raw samples into replies
-    store.py     SQLite: users, conversations, turns, candidate sets, picks, reactions, generations
+    store.py     SQLite: users, conversations, turns, offers (candidate sets), picks, reactions, generations
+    generations.py  lineages and their generations: names, numbers, promote, rollback, prune, forget
     engine.py    the platform-free dialogue engine every chat platform plugs into
+    commands.py  the chat commands, once for every platform
     messages.py  the bot's own words, in Korean and English
-    console.py   the terminal chat adapter
+    console.py · discord_bot.py · telegram_bot.py   the chat adapters
+    admin.py     what admins can do (status, train now, rollback, stats), for the commands and the CLI
+    picks_import.py  picks made elsewhere, stored as live picks
     cli.py       the `banryeo` command
 """
 
