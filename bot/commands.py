@@ -53,7 +53,7 @@ class Reply:
 
     text: str
     private: bool = False                       # only the caller should see it (Discord: ephemeral)
-    refused: bool = False                       # a refusal or an error, not the command's result
+    refused: bool = False                       # a refusal or an error, not the command's result (always private)
     file: tuple[str, bytes] | None = None       # (file name, content) to attach
     image: Path | None = None                   # a picture to attach (the metrics chart)
     confirm_forget: bool = False                # show Delete / Cancel buttons only the caller can press

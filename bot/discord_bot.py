@@ -56,6 +56,13 @@ def interaction_user(interaction: discord.Interaction) -> UserRef:
                     interaction.locale.value)
 
 
+def to_presser(interaction: discord.Interaction):
+    """Where a refusal to a button press goes: to whoever pressed only (another member, in a server)."""
+    async def tell(text: str) -> None:
+        await interaction.followup.send(text, ephemeral=True)
+    return tell
+
+
 @contextlib.asynccontextmanager
 async def typing_in(channel: discord.abc.Messageable):
     """"Typing…" while the block runs; a channel that refuses it (403, a Discord hiccup) loses nothing."""
@@ -97,12 +104,8 @@ class PickButton(discord.ui.DynamicItem[discord.ui.Button], template=r"banryeo:p
     async def callback(self, interaction: discord.Interaction) -> None:
         bot: CompanionBot = interaction.client  # type: ignore[assignment]
         await interaction.response.defer()
-
-        async def tell_presser(text: str) -> None:  # only to whoever pressed (another member, in a server)
-            await interaction.followup.send(text, ephemeral=True)
-
         await bot.pick(interaction_user(interaction), self.set_id, self.index, interaction.channel_id,
-                       interaction.message.id if interaction.message else None, tell=tell_presser)
+                       interaction.message.id if interaction.message else None, tell=to_presser(interaction))
 
 
 class RegenerateButton(discord.ui.DynamicItem[discord.ui.Button], template=r"banryeo:regen:(?P<set_id>[0-9a-f]+)"):
@@ -120,11 +123,8 @@ class RegenerateButton(discord.ui.DynamicItem[discord.ui.Button], template=r"ban
     async def callback(self, interaction: discord.Interaction) -> None:
         bot: CompanionBot = interaction.client  # type: ignore[assignment]
         await interaction.response.defer()
-
-        async def tell_presser(text: str) -> None:
-            await interaction.followup.send(text, ephemeral=True)
-
-        if await bot.regenerate(interaction_user(interaction), interaction.channel_id, self.set_id, tell=tell_presser):
+        if await bot.regenerate(interaction_user(interaction), interaction.channel_id, self.set_id,
+                                tell=to_presser(interaction)):
             await interaction.edit_original_response(view=None)  # the replaced candidates can't be picked
 
 
@@ -329,7 +329,7 @@ async def run_command(interaction: discord.Interaction, name: str, *args: str | 
             extras["file"] = discord.File(reply.image)
         if reply.confirm_forget:
             extras["view"] = ConfirmForget(interaction.user.id, bot.engine.language_of(user))
-        await interaction.followup.send(fit(reply.text), ephemeral=reply.private or reply.refused, **extras)
+        await interaction.followup.send(fit(reply.text), ephemeral=reply.private, **extras)
         reply = await reply.later() if reply.later is not None else None
 
 

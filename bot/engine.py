@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bot.config import Settings
-from bot.generations import adapter_name, forget_generations, lineage_of, served_lineage
+from bot.generations import ADAPTER_ERROR, adapter_name, forget_generations, lineage_of, served_lineage
 from bot.messages import LANGUAGES
 from bot.prompt import Prompt, Turn, build_prompt, clean_reply, shorten
 from bot.serving import AdapterError, AdapterRef, Generator, Sample
@@ -419,7 +419,7 @@ class DialogueEngine:
         if auto:
             self.store.record_pick(self.store.candidate_set(set_id), 0, auto=True)
         return Offer(set_id, texts, notices, auto_picked=auto, generation=generation, persona_name=card.name,
-                            language=self.language_of(user))
+                     language=self.language_of(user))
 
     def _prompt(self, card: PersonaCard, conversation_id: int, user_turn_id: int) -> tuple[Prompt, list[Notice]]:
         """The prompt for the conversation's newest message, and a notice when that message was shortened."""
@@ -472,7 +472,7 @@ class DialogueEngine:
                                                       adapter, prompt.prefix)
             except AdapterError as exc:
                 self._broken.add(adapter.name)
-                self.store.set_flag(f"adapter_error:{adapter.name}", str(exc)[:500])
+                self.store.set_flag(ADAPTER_ERROR + adapter.name, str(exc)[:500])
                 fallback = self._serving_adapter(user)
                 logger.error("adapter %s cannot be served (%s); serving %s instead", adapter.name, exc,
                              fallback.name if fallback else "the base model")

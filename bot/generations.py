@@ -17,7 +17,6 @@ import re
 import shutil
 import time
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from bot.config import Settings
@@ -27,6 +26,7 @@ if TYPE_CHECKING:  # the store imports the naming below
 
 SHARED = "shared"
 GENERATION_FLOOR = "generation_floor"  # flag: the highest number any forgotten lineage reached
+ADAPTER_ERROR = "adapter_error:"  # flag prefix + served adapter name: why it could not be loaded
 RETRAIN_FROM_BASE = "retrain_from_base:"  # flag prefix + lineage: the next night must not continue the adapter
 
 

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import sqlite_utils
 
-from bot.generations import GENERATION_FLOOR, adapter_name
+from bot.generations import ADAPTER_ERROR, GENERATION_FLOOR, adapter_name
 
 MIGRATIONS: list[str] = [
     # 1: the initial schema
@@ -458,9 +458,9 @@ class Store:
 
     def forget_lineage(self, lineage: str) -> None:
         """Delete a lineage's generation rows, serving pointer and adapter-error flags (its folder is
-        removed by bot.generations.forget_generations). The highest number it reached is kept (without saying whose) in the flag
-        `generation_floor`: a lineage with no generations numbers its first above it, so a served
-        name never stands for two different weights, not even after a forget."""
+        removed by bot.generations.forget_generations). The highest number it reached is kept (without
+        saying whose) in the flag `generation_floor`: a lineage with no generations numbers its first
+        above it, so a served name never stands for two different weights, not even after a forget."""
         generations = self.generations(lineage)
         with self.transaction():
             floor = max([int(self.flag(GENERATION_FLOOR) or 0)] + [g["number"] for g in generations])
@@ -469,7 +469,7 @@ class Store:
             self.db.execute("UPDATE generations SET parent_id = NULL WHERE lineage = ?", [lineage])
             self.db.execute("DELETE FROM generations WHERE lineage = ?", [lineage])
             for generation in generations:
-                self.db.execute("DELETE FROM flags WHERE name = ?", ["adapter_error:" + adapter_name(generation)])
+                self.db.execute("DELETE FROM flags WHERE name = ?", [ADAPTER_ERROR + adapter_name(generation)])
         self.checkpoint()
 
     def drop_examples(self, lineage: str) -> None:
@@ -620,8 +620,8 @@ class Store:
 
     def adapter_errors(self) -> dict[str, str]:
         """Served adapter name -> why it could not be loaded (its parent serves instead)."""
-        return {row["name"].removeprefix("adapter_error:"): row["value"]
-                for row in self.db.query("SELECT * FROM flags WHERE name LIKE 'adapter_error:%'")}
+        return {row["name"].removeprefix(ADAPTER_ERROR): row["value"]
+                for row in self.db.query("SELECT * FROM flags WHERE name LIKE ?", [ADAPTER_ERROR + "%"])}
 
     def stats(self) -> dict[str, int]:
         tables = ["users", "conversations", "turns", "candidate_sets", "picks", "reactions", "generations"]
