@@ -10,6 +10,11 @@
     banryeo backup /backups           # online backup: database, generations, personas (restore: README)
     banryeo picks import FILE.jsonl   # picks made elsewhere, stored as live ones ('-': stdin; --dry-run: check only)
 
+Scale-out serving (bot/vllm_server.py):
+    banryeo vllm install [--gpu]      # a virtualenv with vLLM (CPU build; --gpu: CUDA) in serving.vllm_venv
+    banryeo vllm serve [--port 8000]  # a local vLLM for the configured model, user adapters loadable at runtime
+    banryeo vllm command              # print that server command instead of running it
+
 Learning (admin):
     banryeo train [--lineage ID] [--force]     # run the nightly rollover now
     banryeo generations LINEAGE                # generations with their gate metrics
@@ -158,6 +163,38 @@ def cmd_model(settings: Settings, args: argparse.Namespace) -> int:
 
     print(resolve_model_path(settings.model))
     return 0
+
+
+def cmd_vllm(settings: Settings, args: argparse.Namespace) -> int:
+    import shlex
+
+    from bot.vllm_server import VllmServer, VllmServerError, install, installed, served_name, server_command
+
+    venv = settings.serving.vllm_venv
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    try:
+        if args.action == "install":
+            install(venv, gpu=args.gpu)
+            print(f"vLLM is installed in {venv.expanduser()}; start it with: banryeo vllm serve")
+            return 0
+        if installed(venv) is None:
+            print(f"banryeo: no vLLM in {venv.expanduser()}: run `banryeo vllm install` first (--gpu for CUDA)",
+                  file=sys.stderr)
+            return 1
+        argv, env = server_command(settings, port=args.port, host=args.host, max_loras=args.max_loras, extra=extra)
+        if args.action == "command":
+            print("VLLM_ALLOW_RUNTIME_LORA_UPDATING=True " + shlex.join(argv))
+            return 0
+        server = VllmServer(argv, env, settings.storage.data_dir.expanduser() / "vllm.log", host=args.host,
+                            port=args.port)
+        print(f"Starting vLLM for {settings.model.name} (log: {server.log_path}) ...", flush=True)
+        with server:
+            print(f"vLLM serves {served_name(settings)!r} at {server.url}. For the bot, in banryeo.toml:\n"
+                  f'  [serving]\n  backend = "vllm"\n  vllm_url = "{server.url}"\nCtrl-C stops it.', flush=True)
+            return server.process.wait()
+    except VllmServerError as exc:
+        print(f"banryeo: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
@@ -340,6 +377,14 @@ def make_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="prepare the configured model (converts the embedded one once)")
     model.add_argument("action", choices=["prepare"])
     model.set_defaults(func=cmd_model)
+    vllm = sub.add_parser("vllm", help="install or start a local vLLM server for the configured model")
+    vllm.add_argument("action", choices=["install", "serve", "command"])
+    vllm.add_argument("--gpu", action="store_true", help="install: the CUDA build instead of the CPU build")
+    vllm.add_argument("--host", default="127.0.0.1")
+    vllm.add_argument("--port", type=int, default=8000)
+    vllm.add_argument("--max-loras", type=int, default=8, help="users' adapters one batch may mix")
+    vllm.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more vLLM flags, passed as they are")
+    vllm.set_defaults(func=cmd_vllm)
     sub.add_parser("config", help="print the effective settings").set_defaults(func=cmd_config)
     sub.add_parser("stats", help="print what the database holds").set_defaults(func=cmd_stats)
     train = sub.add_parser("train", help="run the nightly rollover now")

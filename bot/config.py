@@ -156,6 +156,8 @@ class ServingSettings(_Section):
     vllm_model: str | None = Field(None, description="the base model's name on the vLLM server (default: model.name)")
     vllm_adapter_dir: Path | None = Field(None, description="the generations folder as the vLLM server sees it")
     vllm_timeout: float = Field(60, gt=0, description="seconds per vLLM request")
+    vllm_venv: Path = Field(Path("~/.cache/banryeo/vllm-venv"), description="the virtualenv `banryeo vllm install` "
+                            "creates and `banryeo vllm serve` runs vLLM from")
 
 
 class DiscordSettings(_Section):

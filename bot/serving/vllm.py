@@ -275,7 +275,9 @@ class VllmGenerator:
             raise VllmError(f"vLLM at {self.url} has no /v1/load_lora_adapter: {SERVER_FLAGS}")
         elif status in (400, 404) and re.search(r"enable.?lora|lora is not enabled", message, re.I):
             raise VllmError(f"vLLM at {self.url} cannot load LoRA adapters ({message}): {SERVER_FLAGS}")
-        elif status in (400, 404):
+        elif status in (400, 404) or (status >= 500 and "add_lora" in message):
+            # 404: no folder there; 500 "Call to add_lora method failed": the worker could not read it
+            # (cut-short or corrupt weights, a rank above --max-lora-rank). The server itself is fine.
             raise AdapterError(
                 f"vLLM could not load adapter {name} from {path}: {message} (the folder must exist where the "
                 "server runs, set serving.vllm_adapter_dir when it mounts the generations folder elsewhere; "
