@@ -6,7 +6,8 @@
 Both models are loaded side by side and timed alternately in one run, so machine noise hits both;
 the ratio is the number to read. Every run generates exactly 40 new tokens per candidate. A third row
 runs the configured dtype through the serving worker (bot/serving/local.py), which prefills the prompt once
-for all candidates instead of once per candidate.
+for all candidates instead of once per candidate; where the LM head is a `FewRowsHead` (float32 on a
+CPU), a fourth row runs the same worker with the head as plain `F.linear`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 import torch
 
 from bot.config import SamplingSettings, ServingSettings, Settings, load_settings
-from bot.model import ModelBackend, resolve_dtype
+from bot.model import FewRowsHead, ModelBackend, resolve_dtype
 from bot.prompt import Turn, build_prompt
 from bot.serving import LocalGenerator
 from persona import PersonaLibrary
@@ -73,6 +74,9 @@ def main() -> None:
     runs = {name: (lambda b=backend: generator.call(lambda: time_generate(b, prompt.text)).result())
             for name, backend in backends.items()}
     runs[served_name] = lambda: time_serving(generator, prompt.text)
+    head = generator.backend.model.get_output_embeddings()
+    if isinstance(head, FewRowsHead):  # the same worker with the head as plain F.linear, for the ratio
+        runs[f"{served_name}, F.linear head"] = lambda: with_plain_head(head, lambda: time_serving(generator, prompt.text))
     for run in runs.values():  # warm-up
         run()
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -90,6 +94,17 @@ def main() -> None:
         print(f"  speed-up of {configured_name} over float32: {medians['float32'] / medians[configured_name]:.2f}x")
     print(f"  speed-up of the serving worker over plain generate: "
           f"{medians[configured_name] / medians[served_name]:.2f}x")
+    if f"{served_name}, F.linear head" in medians:
+        print(f"  speed-up of the few-rows LM head over F.linear: "
+              f"{medians[f'{served_name}, F.linear head'] / medians[served_name]:.2f}x")
+
+
+def with_plain_head(head: FewRowsHead, run):
+    head.__class__ = torch.nn.Linear  # between runs the worker is idle, so the switch is safe
+    try:
+        return run()
+    finally:
+        head.__class__ = FewRowsHead
 
 
 def names_of(backends: dict) -> list[str]:

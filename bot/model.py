@@ -149,6 +149,7 @@ class ModelBackend(PromptTokenizer):
         model.eval()
         if settings.dtype == "int8":
             model = quantize_int8(model)
+        use_few_rows_head(model)
         logger.info("Loaded %s (%s, %s prompts) in %.1fs", settings.name, dtype, "chat" if use_chat else "transcript",
                     time.perf_counter() - started)
         return cls(model, tokenizer, name=settings.name, use_chat_template=use_chat,
@@ -381,6 +382,36 @@ class ModelBackend(PromptTokenizer):
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         cut, hit = _cut_at_stop(text, stop)
         return Sample(cut, len(ids), hit)
+
+
+class FewRowsHead(torch.nn.Linear):
+    """The LM head, computed as (W @ x.T).T when only a few rows ask for logits, as in decoding.
+
+    On the CPU, float32 `F.linear` (x @ W.T) with a large vocabulary and a handful of rows runs 2-3x
+    slower than the same product with the weight on the left (Gemma's 262144 x 640 head, 3 rows, 2 cores:
+    191 ms against 63 ms; 8 rows: 156 against 70; 24 rows: 204 against 149), and each decoding step asks
+    for one row per candidate: the head was over half of a step. Same weights (ties kept), same result
+    up to float rounding; more rows (training, scoring) take the plain path.
+    """
+
+    MAX_ROWS = 32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows > self.MAX_ROWS or self.bias is not None or torch.is_grad_enabled() and x.requires_grad:
+            return super().forward(x)
+        product = self.weight @ x.reshape(rows, x.shape[-1]).T
+        return product.T.contiguous().reshape(*x.shape[:-1], self.out_features)
+
+
+def use_few_rows_head(model) -> bool:
+    """Switch a CPU float32 model's large-vocabulary LM head to `FewRowsHead` (in place); True if it did."""
+    head = model.get_output_embeddings()
+    if (type(head) is not torch.nn.Linear or head.weight.device.type != "cpu" or head.bias is not None
+            or head.weight.dtype != torch.float32 or head.out_features < 32768):
+        return False
+    head.__class__ = FewRowsHead  # the same module and parameters, so a tied embedding stays tied
+    return True
 
 
 def quantize_int8(model):

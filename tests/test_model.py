@@ -89,3 +89,34 @@ def test_generation_adapters_are_loaded_beside_the_base(tiny_model_dir, tmp_path
     assert len(backend.sample("안녕", 2, SamplingSettings(max_new_tokens=4), stop=[], adapter="user/gen-1")) == 2
     with pytest.raises(ModelError):
         ModelBackend.load(ModelSettings(name=str(tiny_model_dir))).sample("x", 1, SamplingSettings(), [], "nope")
+
+
+def test_the_few_rows_head_computes_the_same_logits():
+    import torch
+
+    from bot.model import FewRowsHead, use_few_rows_head
+
+    class TiedModel(torch.nn.Module):
+        def __init__(self, vocab: int, dtype=torch.float32):
+            super().__init__()
+            self.embed = torch.nn.Embedding(vocab, 16, dtype=dtype)
+            self.head = torch.nn.Linear(16, vocab, bias=False, dtype=dtype)
+            self.head.weight = self.embed.weight
+
+        def get_output_embeddings(self):
+            return self.head
+
+    model = TiedModel(40000)
+    inputs = [torch.randn(3, 1, 16), torch.randn(1, 64, 16)]
+    expected = [torch.nn.functional.linear(x, model.head.weight) for x in inputs]
+    assert use_few_rows_head(model) and isinstance(model.head, FewRowsHead)
+    assert model.head.weight is model.embed.weight  # still tied
+    for x, want in zip(inputs, expected):  # 3 rows (decoding) and 64 rows (the plain path)
+        got = model.head(x)
+        assert got.shape == want.shape and got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 16, requires_grad=True)  # training takes the plain path, gradients and all
+    model.head(x).sum().backward()
+    assert x.grad is not None and model.embed.weight.grad is not None
+    assert not use_few_rows_head(TiedModel(1000))                   # a small vocabulary gains nothing
+    assert not use_few_rows_head(TiedModel(40000, torch.bfloat16))  # measured for float32 only
