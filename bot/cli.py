@@ -183,7 +183,8 @@ def cmd_vllm(settings: Settings, args: argparse.Namespace) -> int:
             return 1
         argv, env = server_command(settings, port=args.port, host=args.host, max_loras=args.max_loras, extra=extra)
         if args.action == "command":
-            print("VLLM_ALLOW_RUNTIME_LORA_UPDATING=True " + shlex.join(argv))
+            key = " VLLM_API_KEY=..." if "VLLM_API_KEY" in env else ""
+            print(f"VLLM_ALLOW_RUNTIME_LORA_UPDATING=True{key} " + shlex.join(argv))
             return 0
         server = VllmServer(argv, env, settings.storage.data_dir.expanduser() / "vllm.log", host=args.host,
                             port=args.port)

@@ -19,7 +19,8 @@ command looks up a distribution named `vllm`, which the CPU build is not) with w
   one batch may mix, `--max-cpu-loras` above `serving.max_adapters`, and the environment variable
   VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, so the bot can load each new generation at runtime;
 - `--dtype` from `model.dtype` (auto: what the local backend would use on this machine);
-- on a CPU, `--kv-cache-memory-bytes` (the CPU build otherwise reserves 92% of the NUMA node's memory).
+- on a CPU, `--kv-cache-memory-bytes` (the CPU build otherwise reserves 92% of the NUMA node's memory);
+- VLLM_API_KEY in the server's environment when the bot has one (vLLM then wants it on every request).
 
 `VllmServer` starts it as a child process, waits until `GET /v1/models` answers and stops it again;
 the tests and the benchmark use it too.
@@ -124,12 +125,12 @@ def server_command(settings: Settings, *, port: int, host: str = "127.0.0.1", gp
         argv += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
     if settings.model.seed is not None:
         argv += ["--seed", str(settings.model.seed)]
-    if settings.vllm_api_key is not None:
-        argv += ["--api-key", settings.vllm_api_key.get_secret_value()]
     argv += list(extra)
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "HF_HUB_OFFLINE": "1",
            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONPATH", None)  # the bot's packages must not shadow the virtualenv's
+    if settings.vllm_api_key is not None:  # vLLM reads it from there; never on a command line `ps` shows
+        env["VLLM_API_KEY"] = settings.vllm_api_key.get_secret_value()
     return argv, env
 
 

@@ -352,10 +352,11 @@ def test_server_command_carries_what_the_bot_needs(settings, tmp_path):
 
     settings.serving.vllm_model, settings.model.dtype = "companion-base", "auto"
     settings.vllm_api_key = SecretStr("s3cret")
-    argv, _ = server_command(settings, port=8123, gpu=True)
+    argv, env = server_command(settings, port=8123, gpu=True)
     flags = dict(zip(argv, argv[1:]))
     assert flags["--served-model-name"] == "companion-base" and flags["--dtype"] == "auto"
-    assert flags["--api-key"] == "s3cret" and "--kv-cache-memory-bytes" not in argv
+    assert "--kv-cache-memory-bytes" not in argv
+    assert env["VLLM_API_KEY"] == "s3cret" and "s3cret" not in argv  # not visible in `ps`
 
 
 def test_a_server_that_dies_while_starting_says_why(tmp_path):

@@ -21,14 +21,15 @@ older ones are unloaded as soon as their last in-flight reply finishes, so a pro
 short (the bookkeeping is bot/serving/registry.py's, shared with the local worker). Unload failures are
 only logged.
 
-The server (any number of bots can share one):
+The server (any number of bots can share one): `banryeo vllm serve` starts one for the configured
+model with the flags below (bot/vllm_server.py), or by hand:
 
-    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True \\
-    vllm serve <base model> --enable-lora --max-loras 16 --max-lora-rank 16 --max-cpu-loras 256
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True python -m vllm.entrypoints.openai.api_server --model <base> \
+        --enable-lora --max-loras 8 --max-lora-rank 16 --max-cpu-loras 32
 
 The base model must be the one the generations were trained on (for the embedded model, the converted
 folder in `model.cache_dir`); set `serving.vllm_model` to its name as `GET /v1/models` lists it, and
-VLLM_API_KEY when the server runs with `--api-key`. `--max-loras` is how many different adapters one
+VLLM_API_KEY when the server wants a key. `--max-loras` is how many different adapters one
 batch may mix (the default, 1, serialises users); `--max-lora-rank` must cover `training.lora_r`;
 `--max-cpu-loras` is the server's own adapter cache and should exceed `max_adapters` times the number
 of bots.
@@ -68,8 +69,8 @@ from bot.serving.registry import AdapterRegistry
 
 logger = logging.getLogger(__name__)
 
-SERVER_FLAGS = ("start the server with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and "
-                "`vllm serve <base> --enable-lora --max-lora-rank <at least training.lora_r>`")
+SERVER_FLAGS = ("start the server with `banryeo vllm serve`, or with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and "
+                "--enable-lora --max-lora-rank <at least training.lora_r>")
 
 
 class VllmError(Exception):
