@@ -395,9 +395,11 @@ def test_stop_ends_the_server_and_its_children(tmp_path):
         raise AssertionError("the server's child process outlived stop()")
 
 
-def test_cli_without_an_install(settings, tmp_path, capsys):
+def test_cli_without_an_install(settings, tmp_path, capsys, monkeypatch):
     from bot.cli import main
     from tests.conftest import write_config
+
+    monkeypatch.delenv("BANRYEO_SERVING__VLLM_VENV", raising=False)  # it would win over the file
 
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
     config = write_config(settings)

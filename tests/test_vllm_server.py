@@ -133,7 +133,9 @@ async def test_several_users_at_once_each_on_their_own_generation(world, server,
                                     ((ALICE, "오늘 뭐 먹을까?"), (BOB, "주말에 뭐 해?"), (CAROL, "안녕!"),
                                      (ALICE, "산책 갈래?"))])
     assert [offer.generation for offer in offers] == [alice_1, bob_1, "base", alice_1]
-    assert all(len(offer.texts) == settings.sampling.candidates for offer in offers)
+    # (the test generations are trained hard on 8 pairs, so their replies may repeat: fewer candidates is
+    # the engine's rule then; Carol's base model offers all of them)
+    assert all(offer.texts for offer in offers) and len(offers[2].texts) == settings.sampling.candidates
     loaded = models_on(server)
     assert loaded[served_name(settings)] is None
     assert loaded[alice_1] == trained[(ALICE.id, 1)]["path"] and loaded[bob_1] == trained[(BOB.id, 1)]["path"]
@@ -238,7 +240,7 @@ async def test_a_broken_generation_falls_back_to_its_parent(world, server, engin
     damage(folder)  # after the promotion (which checks the folder), as a disk fault would
     try:
         offer = await engine.on_message(BOB, "오늘 날씨 좋다")
-        assert offer.generation == adapter_name(parent) and len(offer.texts) == 3
+        assert offer.generation == adapter_name(parent) and offer.texts
         flag = store.flag(ADAPTER_ERROR + adapter_name(broken))
         assert flag and "could not load adapter" in flag, flag
         assert adapter_name(broken) not in models_on(server)
@@ -257,6 +259,23 @@ async def test_two_bots_share_one_server(world, server, engine):
         assert await other.check() == list(models_on(server))
     finally:
         await other.aclose()
+
+
+async def test_the_lru_bound_unloads_on_the_server(world, server):
+    settings, _, _, trained = world
+    alice_1, bob_1 = (AdapterRef(adapter_name(trained[key]), Path(trained[key]["path"]))
+                      for key in ((ALICE.id, 1), (BOB.id, 1)))
+    short = settings.sampling.model_copy(update={"max_new_tokens": 4})
+    generator = VllmGenerator(settings.serving.model_copy(update={"max_adapters": 1}), settings.model.name,
+                              settings.storage.generations_dir)
+    try:
+        await generator.sample(PROBE[0], 1, short, [], alice_1)
+        await generator.sample(PROBE[0], 1, short, [], bob_1)  # one adapter at most: Alice's is unloaded
+        await eventually(lambda: alice_1.name not in models_on(server))
+        assert bob_1.name in models_on(server) and generator.stats()["loaded"] == [bob_1.name]
+        assert len(await generator.sample(PROBE[0], 1, short, [], alice_1)) == 1  # and loaded again on demand
+    finally:
+        await generator.aclose()
 
 
 async def test_a_base_model_name_the_server_does_not_serve(world, server):
@@ -282,6 +301,6 @@ async def test_the_bot_survives_a_server_restart(world, server, engine):
     await asyncio.to_thread(lambda: server.start().wait_ready())
     assert bob_1 not in models_on(server)
     offer = await engine.on_message(BOB, "다시 왔어!")
-    assert offer.generation == bob_1 and len(offer.texts) == 3
+    assert offer.generation == bob_1 and offer.texts
     assert engine.generator.stats()["reloads_after_404"] == 1
     assert models_on(server)[bob_1] == trained[(BOB.id, 1)]["path"]
