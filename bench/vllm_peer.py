@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import tempfile
 import time
@@ -34,7 +33,7 @@ from bot.model import resolve_model_path
 from bot.prompt import Turn, build_prompt
 from bot.serving import AdapterRef, LocalGenerator
 from bot.serving.vllm import VllmGenerator
-from bot.vllm_server import VllmServer, server_dtype
+from bot.vllm_server import VllmServer, free_port, server_dtype
 from persona import PersonaLibrary
 
 CANDIDATES, NEW_TOKENS, USERS = 3, 40, 8
@@ -50,12 +49,6 @@ async def timed(generator, requests: list[tuple[str, str, AdapterRef | None]], s
     counts = [s.new_tokens for samples in results for s in samples]
     assert counts == [NEW_TOKENS] * CANDIDATES * len(requests), counts
     return elapsed
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def main() -> None:

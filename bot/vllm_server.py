@@ -32,6 +32,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -87,6 +88,13 @@ def install(venv: Path, gpu: bool = False, log=print) -> Path:
             raise VllmServerError(f"`{shlex.join(step)}` failed:\n" + "\n".join(tail))
     (venv / MARKER).write_text(json.dumps({"package": package}))
     return venv
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (for a server started next, in tests and benchmarks)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def served_name(settings: Settings) -> str:

@@ -160,6 +160,14 @@ async def make_picks(engine, user=TEST_ALICE, count=6):
             await engine.on_pick(user, offer.id, 0)
 
 
+async def eventually(condition, timeout: float = 2.0, interval: float = 0.005) -> None:
+    """Wait until `condition()` holds (polled every `interval`), failing the test after `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(interval)
+
+
 def write_config(settings):
     path = settings.storage.data_dir / "banryeo.toml"
     path.write_text(f'[storage]\ndata_dir = "{settings.storage.data_dir}"\n[model]\nname = "{settings.model.name}"\n')

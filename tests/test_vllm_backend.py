@@ -13,7 +13,6 @@ import asyncio
 import gc
 import json
 import shutil
-import socket
 import warnings
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from bot.config import SamplingSettings, ServingSettings
 from bot.serving import AdapterError, AdapterRef
 from bot.generations import parse_adapter_name
 from bot.serving.vllm import VllmError, VllmGenerator
+from bot.vllm_server import free_port
+from tests.conftest import eventually
 from tests.fake_vllm import FakeVllm
 
 SAMPLING = SamplingSettings(temperature=0.8, top_p=0.9, top_k=0, repetition_penalty=1.1, max_new_tokens=16)
@@ -37,13 +38,6 @@ def make_adapter(generations: Path, lineage: str, number: int, rank: int = 16) -
     (folder / "adapter_config.json").write_text(json.dumps({"r": rank}))
     (folder / "adapter_model.safetensors").write_bytes(b"")
     return AdapterRef(f"user-{lineage}-gen-{number}", folder)
-
-
-async def eventually(condition, timeout: float = 2.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -222,10 +216,7 @@ async def test_server_error(fake, make_generator):
 
 
 async def test_unreachable_server(make_generator):
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    generator = make_generator(vllm_url=f"http://127.0.0.1:{port}")
+    generator = make_generator(vllm_url=f"http://127.0.0.1:{free_port()}")  # a port nothing listens on
     with pytest.raises(VllmError, match="serving.vllm_url"):
         await generator.sample("hi", 1, SAMPLING, [], None)
 

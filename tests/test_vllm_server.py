@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -27,20 +26,15 @@ from bot.serving.local import LocalGenerator
 from bot.serving.vllm import VllmError, VllmGenerator
 from bot.store import Store
 from bot.tokenizer import PromptTokenizer
-from bot.vllm_server import VllmServer, install, served_name
+from bot.vllm_server import VllmServer, free_port, install, served_name
 from persona import PersonaLibrary
+from tests.conftest import eventually
 from training.train import train_adapter
 
 pytestmark = [pytest.mark.vllm, pytest.mark.embedded]
 
 ALICE, BOB, CAROL = UserRef("telegram", "101"), UserRef("telegram", "102"), UserRef("telegram", "103")
 PROBE = ("하루: 안녕! 오늘 하루 어땠어?\n나: 고양이랑 공원에 갔어.\n하루:", " 우와, 고양이랑 산책이라니 너무 귀엽다!\n")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def pairs(chosen_style: str, count: int = 8) -> list[dict]:
@@ -117,13 +111,6 @@ async def server_logprobs(server: VllmServer, model: str, text: str) -> tuple[li
     ids = choice["prompt_token_ids"]
     logprobs = [entry[str(token)]["logprob"] for token, entry in zip(ids[1:], choice["prompt_logprobs"][1:])]
     return ids[1:], logprobs
-
-
-async def eventually(condition, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.1)
 
 
 async def test_several_users_at_once_each_on_their_own_generation(world, server, engine):
@@ -207,7 +194,7 @@ async def test_promotion_loads_the_new_name_and_unloads_the_old(world, server, e
     promote(store, ALICE.id, 2)
     try:
         assert (await engine.on_message(ALICE, "뭐 해?")).generation == alice_2
-        await eventually(lambda: alice_1 not in models_on(server))
+        await eventually(lambda: alice_1 not in models_on(server), timeout=10, interval=0.1)
         assert models_on(server)[alice_2] == trained[(ALICE.id, 2)]["path"]
         assert engine.generator.stats()["unloads"] >= 1
     finally:
@@ -271,7 +258,7 @@ async def test_the_lru_bound_unloads_on_the_server(world, server):
     try:
         await generator.sample(PROBE[0], 1, short, [], alice_1)
         await generator.sample(PROBE[0], 1, short, [], bob_1)  # one adapter at most: Alice's is unloaded
-        await eventually(lambda: alice_1.name not in models_on(server))
+        await eventually(lambda: alice_1.name not in models_on(server), timeout=10, interval=0.1)
         assert bob_1.name in models_on(server) and generator.stats()["loaded"] == [bob_1.name]
         assert len(await generator.sample(PROBE[0], 1, short, [], alice_1)) == 1  # and loaded again on demand
     finally:
