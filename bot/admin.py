@@ -10,6 +10,7 @@ Platforms check `is_admin` before calling anything else here.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from bot.config import Settings
@@ -49,13 +50,10 @@ class Admin:
     def status_text(self) -> str:
         """`status()` as the few lines the platforms' /status command shows."""
         status = self.status()
-        last = status["last_rollover"] or {}
-        last_text = {None: "-", "running": f"running since {last.get('started_at')}"}.get(
-            last.get("status"), f"{last.get('status')} at {last.get('finished_at') or last.get('started_at')}")
         lines = [f"model: {status['model']} ({status['lineage_mode']})",
                  f"serving: {status['serving'] or 'base'}",
                  f"learning paused: {status['learning_paused']}",
-                 f"last rollover: {last_text}",
+                 *night_lines(status["last_rollover"]),
                  f"picks {status['picks']}, users {status['users']}, generations {status['generations']}",
                  *(f"adapter error {name}: {error}" for name, error in status["adapter_errors"].items())]
         return "\n".join(lines)
@@ -113,3 +111,27 @@ class Admin:
             return "base"
         g = self.store.generation(generation_id)
         return f"gen-{g['number']}"
+
+
+def night_lines(run: dict | None, failures_shown: int = 5) -> list[str]:
+    """The last (or running) night for /status: its progress over the lineages it trains, and its failures."""
+    if run is None:
+        return ["last rollover: -"]
+    when = f"running since {run['started_at']}" if run["status"] == "running" else \
+        f"{run['status']} at {run.get('finished_at') or run['started_at']}"
+    total, done = run.get("lineages_total") or 0, run.get("lineages_done") or 0
+    counts = [f"{done}/{total} lineages done"] if total else []
+    if run.get("lineages_failed"):
+        counts.append(f"{run['lineages_failed']} failed")
+    if run.get("retries"):
+        counts.append(f"{run['retries']} retried")
+    lines = [f"last rollover: {when} ({run.get('executor', 'local')})" + (": " + ", ".join(counts) if counts else "")]
+    try:
+        outcomes = json.loads(run.get("summary") or "[]")
+    except ValueError:
+        outcomes = []
+    failed = [o for o in outcomes if isinstance(o, dict) and o.get("status") == "failed"]
+    lines += [f"  failed {o['lineage']}: {o.get('reason', '')}" for o in failed[:failures_shown]]
+    if len(failed) > failures_shown:
+        lines.append(f"  ... and {len(failed) - failures_shown} more failed")
+    return lines

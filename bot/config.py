@@ -69,6 +69,10 @@ class TrainingSettings(_Section):
     """Nightly preference learning (DPO on picks, KTO on thumbs) of a LoRA adapter over the base model."""
 
     lineage: Literal["per_user", "shared"] = Field("per_user", description="a companion per user, or one for all")
+    executor: Literal["local", "ray"] = Field("local", description="where lineages train: one after another in the "
+                                              "rollover process, or as jobs on a Ray cluster (see [ray])")
+    retries: int = Field(1, ge=0, le=3, description="a lineage whose job failed (or whose worker was lost) is run "
+                         "again this often before it is recorded as failed; the other lineages go on either way")
     min_new_picks: int = Field(20, ge=1, description="picks since the last generation needed to train")
     heldout_fraction: float = Field(0.2, gt=0, lt=1, description="share of new picks held out for the gate "
                                     "(a different share each night; trained the night after)")
@@ -186,6 +190,23 @@ class TelegramSettings(_Section):
         return value
 
 
+class RaySettings(_Section):
+    """Nightly training on Ray (`training.executor = "ray"`): one train+gate job per lineage.
+
+    Every worker must see `storage.data_dir`'s generations folder and the base model at the same path
+    (a shared folder: NFS, a mounted bucket); only the rollover process opens the database.
+    """
+
+    address: str | None = Field(None, description="a running cluster ('ray://head:10001', 'auto'); None: start a "
+                                "local one on this machine for the night and stop it after")
+    local_cpus: int | None = Field(None, ge=1, description="CPUs the local cluster offers (default: all cores)")
+    cpus_per_job: float = Field(1, gt=0, description="CPUs a job declares; torch in the job uses that many threads")
+    gpus_per_job: float = Field(0, ge=0, description="GPU share a job declares, e.g. 0.25: four lineages train on "
+                                "one GPU at once")
+    memory_gb_per_job: float = Field(3, ge=0, description="memory a job declares (scheduling only; 0: undeclared); "
+                                     "the embedded model's night peaks at about 2.4 GB")
+
+
 class StorageSettings(_Section):
     data_dir: Path = Field(Path("~/.local/share/banryeo"), description="database, imported personas, adapters")
 
@@ -212,6 +233,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     gate: GateSettings = GateSettings()
     schedule: ScheduleSettings = ScheduleSettings()
+    ray: RaySettings = RaySettings()
     serving: ServingSettings = ServingSettings()
     discord: DiscordSettings = DiscordSettings()
     telegram: TelegramSettings = TelegramSettings()

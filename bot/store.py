@@ -165,6 +165,15 @@ MIGRATIONS: list[str] = [
     CREATE INDEX conversations_user_chat ON conversations(user_id, chat, ended_at);
     CREATE INDEX candidate_sets_conversation ON candidate_sets(conversation_id, created_at);
     """,
+    # 6: a night's progress, for admins while it runs: where its jobs run, how many lineages it trains,
+    #    how many are done (failed ones included), failed, and tried again
+    """
+    ALTER TABLE rollover_runs ADD COLUMN executor TEXT NOT NULL DEFAULT 'local';
+    ALTER TABLE rollover_runs ADD COLUMN lineages_total INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE rollover_runs ADD COLUMN lineages_done INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE rollover_runs ADD COLUMN lineages_failed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE rollover_runs ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 CLOSED_STATUSES = ("picked", "skipped", "regenerated", "reset")
@@ -629,9 +638,18 @@ class Store:
 
     # -- rollover runs (one row per night, with each lineage's outcome) ---------------------------
 
-    def start_run(self) -> int:
+    def start_run(self, executor: str = "local") -> int:
         with self.transaction():
-            return self.db["rollover_runs"].insert({"started_at": now(), "status": "running"}).last_pk
+            return self.db["rollover_runs"].insert({"started_at": now(), "status": "running",
+                                                    "executor": executor}).last_pk
+
+    def run_progress(self, run_id: int, summary: str, **counts: int) -> None:
+        """A night's progress so far: its outcomes (`summary`) and lineages_total/done/failed, retries."""
+        unknown = set(counts) - {"lineages_total", "lineages_done", "lineages_failed", "retries"}
+        if unknown:
+            raise ValueError(f"not a progress count: {sorted(unknown)}")
+        with self.transaction():
+            self.db["rollover_runs"].update(run_id, {"summary": summary, **counts})
 
     def finish_run(self, run_id: int, status: str, summary: str) -> None:
         with self.transaction():
