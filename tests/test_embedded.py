@@ -51,3 +51,24 @@ def test_english_persona_replies_on_the_embedded_model(embedded_backend):
     samples = embedded_backend.sample(prompt.text, 3, SamplingSettings(max_new_tokens=40), prompt.stop)
     replies = [clean_reply(s.text, card) for s in samples]
     assert sum(bool(r) for r in replies) >= 2, replies
+
+
+def test_workers_starting_at_once_on_a_new_machine_convert_the_model_without_clashing(tmp_path):
+    """Ray workers on a fresh machine may all convert the embedded model at the same moment: each converts
+    into its own folder and exactly one complete folder ends up in place, loadable, with nothing left over."""
+    import subprocess
+    import sys
+
+    from transformers import AutoConfig
+
+    script = "import sys; from pathlib import Path; from bot.model import prepare_embedded; " \
+             "print(prepare_embedded(Path(sys.argv[1])))"
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [worker.communicate(timeout=600) for worker in workers]
+    assert [w.returncode for w in workers] == [0, 0], [err[-1500:] for _, err in results]
+    target = tmp_path / "gemma3-270m"
+    assert {out.strip() for out, _ in results} == {str(target)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma-3-270m-q4_k_m.gguf", "gemma3-270m"]  # no partials
+    assert AutoConfig.from_pretrained(target).vocab_size == 262144
+    assert (target / "model.safetensors").stat().st_size > 200_000_000

@@ -19,7 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import shutil
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,9 +102,6 @@ def plan_job(store: Store, settings: Settings, lineage: str, users: list[str] | 
 
 def train_and_gate(job: LineageJob, backend: ModelBackend) -> JobResult:
     """Train the job's generation, gate it and write it to the shared generations folder (never promotes)."""
-    import socket
-    import time
-
     started = time.perf_counter()
     settings, data, start = job.settings, job.data, job.start
     cfg = settings.training
@@ -143,7 +143,8 @@ def train_and_gate(job: LineageJob, backend: ModelBackend) -> JobResult:
         report.metrics["known_pairs"] = sum(known.values())
 
     metrics = {**result.metrics, **report.metrics, "train_pairs": result.pairs, "thumbs": result.thumbs,
-               "planned_pairs": len(data.train_pairs),
+               "planned_pairs": len(data.train_pairs), "job_seconds": round(time.perf_counter() - started, 1),
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,  # this process's peak
                "picks": data.picks, "new_picks": data.new_picks, "replay_pairs": data.replay_pairs}
     metadata = {
         "lineage": job.lineage, "number": job.number, "parent": start["number"] if start else None,
