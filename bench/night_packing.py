@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--picks", type=int, default=40, help="picks per user (all new: one first night each)")
     parser.add_argument("--modes", default="sequential,ray:2", help="sequential and/or ray:N (N jobs at once)")
+    parser.add_argument("--gpu", action="store_true", help="ray:N jobs share one GPU (1/N each, one CPU each)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,9 +60,11 @@ def main() -> None:
             if mode != "sequential" and not mode.startswith("ray:"):
                 parser.error(f"unknown mode {mode!r}")
             slots = int(mode.partition(":")[2] or 1)
+            per_job = {"cpus_per_job": 1, "gpus_per_job": 1 / slots} if args.gpu else \
+                {"cpus_per_job": max(1, cores // slots)}
             run_settings = load_settings(
-                storage={"data_dir": data}, training={"min_new_picks": 1, "executor": "local" if mode == "sequential" else "ray"},
-                model={"threads": cores}, ray={"local_cpus": cores, "cpus_per_job": max(1, cores // slots)})
+                storage={"data_dir": data}, model={"threads": cores}, ray={"local_cpus": cores, **per_job},
+                training={"min_new_picks": 1, "executor": "local" if mode == "sequential" else "ray"})
             started = time.perf_counter()
             outcomes = run_rollover(run_settings)
             seconds = time.perf_counter() - started
@@ -71,6 +74,7 @@ def main() -> None:
                 "job": sum(m["job_seconds"] for m in jobs) / max(1, len(jobs)),
                 "train": sum(m["train_seconds"] for m in jobs) / max(1, len(jobs)),
                 "rss": max((m["peak_rss_mb"] for m in jobs), default=0),
+                "gpu": max((m.get("peak_gpu_mb", 0) for m in jobs), default=0),
                 "statuses": sorted(o.status for o in outcomes)}
             print(f"  {mode}: {seconds / 60:.1f} min, {rows[mode]['statuses']}", flush=True)
     base = rows.get("sequential", next(iter(rows.values())))["per_hour"]
@@ -80,7 +84,8 @@ def main() -> None:
     for mode, r in rows.items():
         print(f"| {mode} | {r['slots']} | {r['seconds'] / 60:.1f} min | {r['per_hour']:.1f} | "
               f"{r['per_hour'] / base:.2f}x | {r['job'] / 60:.1f} min ({r['train'] / 60:.1f} + "
-              f"{(r['job'] - r['train']) / 60:.1f}) | {r['rss'] / 1024:.1f} GB |")
+              f"{(r['job'] - r['train']) / 60:.1f}) | {r['rss'] / 1024:.1f} GB"
+              + (f", GPU {r['gpu'] / 1024:.1f} GB |" if r["gpu"] else " |"))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Scale-out serving (bot/vllm_server.py):
     banryeo vllm command              # print that server command instead of running it
 
 Learning (admin):
+    banryeo status                             # as /status: serving generations, the last night's progress
     banryeo train [--lineage ID] [--force]     # run the nightly rollover now
     banryeo generations LINEAGE                # generations with their gate metrics
     banryeo learned LINEAGE                    # the serving generation against its parent
@@ -211,6 +212,12 @@ def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    """What /status shows admins: serving generations and the last night's progress and failures."""
+    print(_admin(settings).status_text())
+    return 0
+
+
 def _admin(settings: Settings):
     from bot.admin import Admin
     from bot.store import Store
@@ -388,6 +395,8 @@ def make_parser() -> argparse.ArgumentParser:
     vllm.set_defaults(func=cmd_vllm)
     sub.add_parser("config", help="print the effective settings").set_defaults(func=cmd_config)
     sub.add_parser("stats", help="print what the database holds").set_defaults(func=cmd_stats)
+    sub.add_parser("status", help="what /status shows: serving generations, the night's progress") \
+        .set_defaults(func=cmd_status)
     train = sub.add_parser("train", help="run the nightly rollover now")
     train.add_argument("--lineage")
     train.add_argument("--force", action="store_true", help="train even with few new picks")

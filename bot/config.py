@@ -200,11 +200,13 @@ class RaySettings(_Section):
     address: str | None = Field(None, description="a running cluster ('ray://head:10001', 'auto'); None: start a "
                                 "local one on this machine for the night and stop it after")
     local_cpus: int | None = Field(None, ge=1, description="CPUs the local cluster offers (default: all cores)")
-    cpus_per_job: float = Field(1, gt=0, description="CPUs a job declares; torch in the job uses that many threads")
+    cpus_per_job: float | None = Field(None, gt=0, description="CPUs a job declares; torch in the job uses that "
+                                       "many threads. Default: this machine's cores, one job per machine (on a CPU, "
+                                       "packing jobs was slower: bench/night_packing.py); GPU nodes: 1")
     gpus_per_job: float = Field(0, ge=0, description="GPU share a job declares, e.g. 0.25: four lineages train on "
                                 "one GPU at once")
-    memory_gb_per_job: float = Field(3, ge=0, description="memory a job declares (scheduling only; 0: undeclared); "
-                                     "the embedded model's night peaks at about 2.4 GB")
+    memory_gb_per_job: float = Field(4, ge=0, description="memory a job declares (scheduling only; 0: undeclared); "
+                                     "a worker training the embedded model peaked at 3.5 GB")
 
 
 class StorageSettings(_Section):

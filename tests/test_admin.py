@@ -53,3 +53,6 @@ async def test_cli_generations_promote_rollback(two_generations, settings, capsy
     assert "no generation 7" in capsys.readouterr().err
     assert main(args + ["learned", ALICE.id]) == 0
     assert "base model" in capsys.readouterr().out
+    assert main(args + ["status"]) == 0  # what /status shows, for the operator on the machine
+    out = capsys.readouterr().out
+    assert "last rollover: finished at" in out and "(local): 1/1 lineages done" in out and "failed" not in out

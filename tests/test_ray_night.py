@@ -3,6 +3,7 @@ a killed worker or a failing job costs only its lineage; admins see the night's 
 
 import asyncio
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from bot.engine import UserRef
 from bot.generations import lineage_dir
 from bot.vllm_server import free_port
 from tests.conftest import LENIENT, configure, make_picks
+from tests.test_rollover import ROOT, _env
 from training.rollover import run_rollover
 
 pytest.importorskip("ray")
@@ -104,22 +106,76 @@ async def test_a_lineage_whose_job_fails_twice_fails_alone(engine, settings, exe
     assert (await engine.on_message(ALICE, "잘 지내?")).generation == "user-test-alice-gen-2"
 
 
-async def test_a_night_on_a_running_cluster_leaves_it_running(engine, settings):
-    """`ray.address`: the rollover joins a cluster it did not start (as on a real deployment) and leaves it up."""
+async def test_a_night_on_a_running_cluster_leaves_it_running(engine, settings, tmp_path):
+    """`ray.address`: the rollover process (as the nightly job starts it) joins a cluster it did not start, with
+    Ray's token authentication as a real deployment has it, and leaves the cluster up."""
     port = free_port()
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    token = tmp_path / "ray-token"
+    token.write_text(secrets.token_hex(32))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}  # set for the cluster and for the bot
     ray_bin = Path(sys.executable).with_name("ray")
+    cluster_env = {**os.environ, "RAY_ADDRESS": "", **auth}
     start = subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2",
-                            "--include-dashboard=false", "--object-store-memory=100000000"], env=env, capture_output=True, text=True, timeout=120)
+                            "--include-dashboard=false", "--object-store-memory=100000000"],
+                           env=cluster_env, capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, start.stdout + start.stderr
     try:
         on_ray(settings, address=f"127.0.0.1:{port}")
         for user in (ALICE, BOB):
             await make_picks(engine, user)
-        outcomes = await asyncio.to_thread(run_rollover, settings)
-        assert sorted(o.status for o in outcomes) == ["promoted", "promoted"], outcomes
-        status = subprocess.run([str(ray_bin), "status", f"--address=127.0.0.1:{port}"], env=env,
+        night = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "training.rollover"], cwd=ROOT,
+                                        env={**_env(settings), **auth}, capture_output=True, text=True, timeout=600)
+        assert night.returncode == 0, night.stdout + night.stderr[-3000:]
+        assert night.stdout.count(": promoted gen-1") == 2, night.stdout
+        assert engine.store.last_run()["executor"] == "ray"
+        status = subprocess.run([str(ray_bin), "status", f"--address=127.0.0.1:{port}"], env=cluster_env,
                                 capture_output=True, text=True, timeout=60)
         assert status.returncode == 0, status.stderr  # still up after the night
     finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        subprocess.run([str(ray_bin), "stop", "--force"], env=cluster_env, capture_output=True, timeout=120)
+
+
+def ray_processes() -> set[int]:
+    """Pids of Ray's own daemons and workers on this machine."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if b"raylet" in command or b"gcs_server" in command or command.startswith(b"ray::"):
+                found.add(int(entry.name))
+    return found
+
+
+async def test_a_rollover_killed_mid_night_takes_its_local_ray_with_it(engine, settings):
+    """The nightly job stops a rollover that runs too long with SIGKILL: the Ray it started must not outlive it,
+    and the next night recovers."""
+    on_ray(settings)
+    await make_picks(engine, ALICE)
+    before = ray_processes()
+    slow = {"training": {**settings.training.model_dump(), "epochs": 400}}
+    rollover = subprocess.Popen([sys.executable, "-m", "training.rollover"], cwd=ROOT, env=_env(settings, slow),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    folder = lineage_dir(settings, ALICE.id)
+    started = False
+    for _ in range(1200):  # until a worker trains Alice
+        started = folder.exists() and bool(list(folder.glob(".partial-*")))
+        if started or rollover.poll() is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert started, rollover.stdout.read().decode()[-2000:]
+    ours = ray_processes() - before
+    assert ours, "the rollover started no Ray processes"
+    rollover.send_signal(signal.SIGKILL)
+    rollover.wait()
+    for _ in range(1200):  # its daemons at once; its agents notice within about a minute
+        if not ours & ray_processes():
+            break
+        await asyncio.sleep(0.1)
+    assert not ours & ray_processes(), "Ray outlived the rollover that started it"
+    assert engine.store.last_run()["status"] == "running" and not list(folder.glob("gen-*"))
+
+    [outcome] = await asyncio.to_thread(run_rollover, settings)  # the next night
+    assert outcome.status == "promoted" and outcome.number == 1 and not list(folder.glob(".partial-*"))

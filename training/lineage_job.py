@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from bot.config import Settings
 from bot.generations import RETRAIN_FROM_BASE, adapter_name, lineage_dir, next_number, prune
 from bot.model import ModelBackend
@@ -145,6 +147,7 @@ def train_and_gate(job: LineageJob, backend: ModelBackend) -> JobResult:
     metrics = {**result.metrics, **report.metrics, "train_pairs": result.pairs, "thumbs": result.thumbs,
                "planned_pairs": len(data.train_pairs), "job_seconds": round(time.perf_counter() - started, 1),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,  # this process's peak
+               **({"peak_gpu_mb": torch.cuda.max_memory_allocated() // 2**20} if torch.cuda.is_available() else {}),
                "picks": data.picks, "new_picks": data.new_picks, "replay_pairs": data.replay_pairs}
     metadata = {
         "lineage": job.lineage, "number": job.number, "parent": start["number"] if start else None,

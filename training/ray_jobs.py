@@ -84,7 +84,8 @@ class RayJobs:
                 ray.init(num_cpus=cfg.local_cpus or os.cpu_count(), include_dashboard=False,
                          object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=False,
                          runtime_env={"env_vars": _worker_env()})
-        options = {"num_cpus": cfg.cpus_per_job, "num_gpus": cfg.gpus_per_job, "max_retries": 0}
+        cpus = cfg.cpus_per_job or cfg.local_cpus or os.cpu_count() or 1
+        options = {"num_cpus": cpus, "num_gpus": cfg.gpus_per_job, "max_retries": 0}
         if cfg.memory_gb_per_job:
             options["memory"] = int(cfg.memory_gb_per_job * 1024**3)
         self.task = ray.remote(run_on_worker).options(**options)
