@@ -1,7 +1,8 @@
 """Where a night's lineage jobs run: in the rollover process one after another, or as Ray tasks.
 
     jobs = RayJobs(settings)          # or LocalJobs(settings, backend)
-    jobs.submit(job)                  # a training.lineage_job.LineageJob
+    while jobs.pending < jobs.room:   # room: how many jobs it takes at once
+        jobs.submit(job)              # a training.lineage_job.LineageJob
     job, result = jobs.next_finished()   # whichever finishes first: a JobResult, or the exception it died of
     jobs.close()
 
@@ -39,6 +40,7 @@ class LocalJobs:
     """Jobs one after another in this process, on one loaded base model (the default)."""
 
     name = "local"
+    room = 1  # jobs planned ahead of the one running: none
 
     def __init__(self, settings: Settings, backend: ModelBackend | None = None):
         self.settings = settings
@@ -90,6 +92,11 @@ class RayJobs:
             options["memory"] = int(cfg.memory_gb_per_job * 1024**3)
         self.task = ray.remote(run_on_worker).options(**options)
         self.running: dict = {}  # object ref -> job
+        # Jobs handed to Ray at once: what the cluster can run now, and as many again queued so that no
+        # worker waits for the next one to be planned (each carries a night's pairs: a few MB)
+        cluster = ray.cluster_resources()
+        fits = [cluster.get("CPU", 0) / cpus] + ([cluster.get("GPU", 0) / cfg.gpus_per_job] if cfg.gpus_per_job else [])
+        self.room = 2 * max(1, int(min(fits)))
 
     @property
     def pending(self) -> int:

@@ -34,6 +34,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from bot.config import Settings, load_settings
 from bot.generations import RETRAIN_FROM_BASE, SHARED
 from bot.model import ModelBackend
 from bot.store import Store, private_dir
-from training.lineage_job import LineageJob, Outcome, plan_job, record
+from training.lineage_job import Outcome, plan_job, record
 from training.ray_jobs import LocalJobs, RayJobs, describe_failure
 
 logger = logging.getLogger(__name__)
@@ -82,10 +83,10 @@ def run_rollover(settings: Settings, only: str | None = None, force: bool = Fals
         outcomes: list[Outcome] = []
         status = "failed"
         try:
-            jobs = _plan(store, settings, only, force, outcomes)
-            _progress(store, run_id, outcomes, jobs, retries=0)
-            if jobs:
-                _run_jobs(store, settings, run_id, jobs, outcomes, backend)
+            to_train = _to_train(store, settings, only, force, outcomes)
+            _progress(store, run_id, outcomes, to_train, retries=0)
+            if to_train:
+                _run_jobs(store, settings, run_id, to_train, outcomes, backend)
             status = "finished"
         finally:
             store.finish_run(run_id, status, _summary(store, outcomes))
@@ -93,31 +94,48 @@ def run_rollover(settings: Settings, only: str | None = None, force: bool = Fals
         return outcomes
 
 
-def _plan(store: Store, settings: Settings, only: str | None, force: bool, outcomes: list[Outcome]) -> list[LineageJob]:
-    """Tonight's jobs; lineages with nothing to train get their outcome (skipped) here."""
+def _to_train(store: Store, settings: Settings, only: str | None, force: bool,
+              outcomes: list[Outcome]) -> dict[str, list[str] | None]:
+    """Tonight's lineages with enough new picks (lineage -> its users); the others get their outcome here."""
     paused = store.flag("learning_paused")
-    jobs = []
+    chosen = {}
     for lineage, users in lineages(store, settings).items():
         if only is not None and lineage != only:
             continue
-        planned = Outcome(lineage, "skipped", "learning is paused") if paused else \
-            _skip_reason(store, settings, lineage, users, force) or plan_job(store, settings, lineage, users)
-        if isinstance(planned, Outcome):
-            logger.info("%s: %s %s", lineage, planned.status, planned.reason)
-            outcomes.append(planned)
+        skipped = Outcome(lineage, "skipped", "learning is paused") if paused else \
+            _skip_reason(store, settings, lineage, users, force)
+        if skipped is None:
+            chosen[lineage] = users
         else:
-            jobs.append(planned)
-    return jobs
+            logger.info("%s: %s %s", lineage, skipped.status, skipped.reason)
+            outcomes.append(skipped)
+    return chosen
 
 
-def _run_jobs(store: Store, settings: Settings, run_id: int, jobs: list[LineageJob], outcomes: list[Outcome],
-              backend: ModelBackend | None) -> None:
-    """Send every job to the executor and record each result as it arrives; failures are retried."""
+def _run_jobs(store: Store, settings: Settings, run_id: int, to_train: dict[str, list[str] | None],
+              outcomes: list[Outcome], backend: ModelBackend | None) -> None:
+    """Plan each lineage's job shortly before the executor has room for it (a few at a time, so a night of
+    many users holds only a few nights' data, and each reads the newest picks), record every result as it
+    arrives, and run a failed job once more."""
     executor = RayJobs(settings) if settings.training.executor == "ray" else LocalJobs(settings, backend)
+    waiting = deque(to_train.items())
     retries = 0
+
+    def finish(outcome: Outcome) -> None:
+        logger.info("%s: %s %s", outcome.lineage, outcome.status, outcome.reason)
+        outcomes.append(outcome)
+        _progress(store, run_id, outcomes, to_train, retries)
+
+    def fill() -> None:
+        while waiting and executor.pending < executor.room:
+            job = plan_job(store, settings, *waiting.popleft())
+            if isinstance(job, Outcome):  # too few picks for a training and a held-out part
+                finish(job)
+            else:
+                executor.submit(job)
+
     try:
-        for job in jobs:
-            executor.submit(job)
+        fill()
         while executor.pending:
             job, result = executor.next_finished()
             if isinstance(result, BaseException):
@@ -126,22 +144,19 @@ def _run_jobs(store: Store, settings: Settings, run_id: int, jobs: list[LineageJ
                     logger.warning("%s: attempt %d failed (%s); trying again", job.lineage, job.attempt + 1, why)
                     executor.submit(replace(job, attempt=job.attempt + 1))
                     retries += 1
-                    _progress(store, run_id, outcomes, jobs, retries)
+                    _progress(store, run_id, outcomes, to_train, retries)
                     continue
-                outcome = Outcome(job.lineage, "failed", why, attempts=job.attempt + 1)
+                finish(Outcome(job.lineage, "failed", why, attempts=job.attempt + 1))
             else:
-                outcome = record(store, settings, job, result)
-            logger.info("%s: %s %s", outcome.lineage, outcome.status, outcome.reason)
-            outcomes.append(outcome)
-            _progress(store, run_id, outcomes, jobs, retries)
+                finish(record(store, settings, job, result))
+            fill()
     finally:
         executor.close()
 
 
-def _progress(store: Store, run_id: int, outcomes: list[Outcome], jobs: list[LineageJob], retries: int) -> None:
-    planned = {job.lineage for job in jobs}
-    done = [o for o in outcomes if o.lineage in planned]
-    store.run_progress(run_id, _summary(store, outcomes), lineages_total=len(planned), lineages_done=len(done),
+def _progress(store: Store, run_id: int, outcomes: list[Outcome], to_train: dict, retries: int) -> None:
+    done = [o for o in outcomes if o.lineage in to_train]
+    store.run_progress(run_id, _summary(store, outcomes), lineages_total=len(to_train), lineages_done=len(done),
                        lineages_failed=sum(o.status == "failed" for o in done), retries=retries)
 
 
