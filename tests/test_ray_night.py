@@ -179,3 +179,17 @@ async def test_a_rollover_killed_mid_night_takes_its_local_ray_with_it(engine, s
 
     [outcome] = await asyncio.to_thread(run_rollover, settings)  # the next night
     assert outcome.status == "promoted" and outcome.number == 1 and not list(folder.glob(".partial-*"))
+
+
+async def test_a_job_no_machine_could_run_is_refused_with_the_reason(engine, settings):
+    """Ray would queue a job that asks for more than any machine has forever; the night says why instead."""
+    on_ray(settings, cpus_per_job=64)
+    await make_picks(engine, ALICE)
+    before = ray_processes()
+    with pytest.raises(RuntimeError, match="cpus_per_job = 64, but the largest machine of the Ray cluster has 2 CPUs"):
+        await asyncio.to_thread(run_rollover, settings)
+    on_ray(settings, cpus_per_job=None, gpus_per_job=0.5)
+    with pytest.raises(RuntimeError, match="gpus_per_job = 0.5, but no machine of the Ray cluster has that much GPU"):
+        await asyncio.to_thread(run_rollover, settings)
+    assert [r["status"] for r in engine.store.db.query("SELECT status FROM rollover_runs")] == ["failed", "failed"]
+    assert engine.store.serving(ALICE.id) is None and not ray_processes() - before  # nothing trained; Ray stopped

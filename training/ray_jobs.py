@@ -74,10 +74,13 @@ class RayJobs:
     name = "ray"
 
     def __init__(self, settings: Settings):
-        import ray
-
+        try:
+            import ray
+        except ImportError:
+            raise RuntimeError("training.executor = \"ray\" needs Ray: pip install 'banryeo[ray]'") from None
         self.ray = ray
         cfg = settings.ray
+        self.running: dict = {}  # object ref -> job
         self.started_here = not ray.is_initialized()
         if self.started_here:
             if cfg.address:
@@ -86,17 +89,34 @@ class RayJobs:
                 ray.init(num_cpus=cfg.local_cpus or os.cpu_count(), include_dashboard=False,
                          object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=False,
                          runtime_env={"env_vars": _worker_env()})
-        cpus = cfg.cpus_per_job or cfg.local_cpus or os.cpu_count() or 1
+        try:
+            cpus = self._declared_cpus(cfg)
+        except RuntimeError:
+            self.close()
+            raise
         options = {"num_cpus": cpus, "num_gpus": cfg.gpus_per_job, "max_retries": 0}
         if cfg.memory_gb_per_job:
             options["memory"] = int(cfg.memory_gb_per_job * 1024**3)
         self.task = ray.remote(run_on_worker).options(**options)
-        self.running: dict = {}  # object ref -> job
         # Jobs handed to Ray at once: what the cluster can run now, and as many again queued so that no
         # worker waits for the next one to be planned (each carries a night's pairs: a few MB)
         cluster = ray.cluster_resources()
         fits = [cluster.get("CPU", 0) / cpus] + ([cluster.get("GPU", 0) / cfg.gpus_per_job] if cfg.gpus_per_job else [])
         self.room = 2 * max(1, int(min(fits)))
+
+    def _declared_cpus(self, cfg) -> float:
+        """CPUs per job: as configured, or this machine's cores (at most the largest node's). A job no node can
+        run would wait forever in Ray's queue, so that is refused here with the reason."""
+        nodes = [n["Resources"] for n in self.ray.nodes() if n.get("Alive")]
+        largest = max((n.get("CPU", 0) for n in nodes), default=0)
+        cpus = cfg.cpus_per_job or min(cfg.local_cpus or os.cpu_count() or 1, largest) or 1
+        if cpus > largest:
+            raise RuntimeError(f"ray.cpus_per_job = {cpus:g}, but the largest machine of the Ray cluster has "
+                               f"{largest:g} CPUs: no job could start")
+        if cfg.gpus_per_job and not any(n.get("GPU", 0) >= cfg.gpus_per_job for n in nodes):
+            raise RuntimeError(f"ray.gpus_per_job = {cfg.gpus_per_job:g}, but no machine of the Ray cluster has "
+                               "that much GPU")
+        return cpus
 
     @property
     def pending(self) -> int:
