@@ -87,8 +87,10 @@ async def test_killed_while_sampling_keeps_the_message_and_it_can_be_answered_af
     deadline = time.monotonic() + 120
     while not store.db.execute("SELECT count(*) FROM turns WHERE role = 'user'").fetchone()[0]:
         assert time.monotonic() < deadline and process.poll() is None
-        time.sleep(0.05)
-    time.sleep(0.5)  # well inside sampling 3 x 1000 tokens
+        time.sleep(0.005)
+    # Sampling starts as soon as the message is stored; 3 x 1000 tokens of the tiny model took 0.5 s on a
+    # fast machine (the next message, Bob's, then appeared), so the kill comes well inside it.
+    time.sleep(0.05)
     kill(process)
     check_consistent(store)
     assert [r[0] for r in store.db.execute("SELECT text FROM turns WHERE role = 'user'")] == ["message 0"]
