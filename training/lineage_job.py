@@ -21,7 +21,6 @@ import logging
 import os
 import resource
 import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,8 +80,6 @@ class JobResult:
     path: str | None = None
     passed: bool = False
     metrics: dict = field(default_factory=dict)
-    seconds: float = 0.0
-    worker: str = ""                      # host:pid that ran it
 
 
 def plan_job(store: Store, settings: Settings, lineage: str, users: list[str] | None) -> LineageJob | Outcome:
@@ -160,8 +157,7 @@ def train_and_gate(job: LineageJob, backend: ModelBackend) -> JobResult:
     fsync_tree(partial)  # on disk before it becomes visible: a power cut cannot leave a named, empty adapter
     partial.rename(final)  # atomic: the generation appears whole or not at all
     fsync_tree(folder, files=False)
-    return JobResult("trained", "; ".join(report.reasons), str(final), report.passed, metrics,
-                     time.perf_counter() - started, f"{socket.gethostname()}:{os.getpid()}")
+    return JobResult("trained", "; ".join(report.reasons), str(final), report.passed, metrics)
 
 
 def record(store: Store, settings: Settings, job: LineageJob, result: JobResult) -> Outcome:

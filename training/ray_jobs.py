@@ -39,7 +39,6 @@ def training_backend(settings: Settings) -> ModelBackend:
 class LocalJobs:
     """Jobs one after another in this process, on one loaded base model (the default)."""
 
-    name = "local"
     room = 1  # jobs planned ahead of the one running: none
 
     def __init__(self, settings: Settings, backend: ModelBackend | None = None):
@@ -70,8 +69,6 @@ class LocalJobs:
 
 class RayJobs:
     """Jobs as Ray tasks with declared resources; results in the order they finish."""
-
-    name = "ray"
 
     def __init__(self, settings: Settings):
         try:
