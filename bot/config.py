@@ -48,13 +48,31 @@ class ModelSettings(_Section):
 
 
 class SamplingSettings(_Section):
-    candidates: int = Field(3, ge=1, le=5, description="candidate replies offered per message")
+    candidates: int = Field(3, ge=1, le=5, description="candidate replies offered per message (K)")
+    samples: int = Field(8, ge=1, le=16, description="replies sampled per message in one batched call (N); "
+                         "the best `candidates` of them are offered (see [ranking]); at most `candidates`: no ranking")
     temperature: float = Field(0.9, gt=0, le=2)
     top_p: float = Field(0.95, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     repetition_penalty: float = Field(1.1, ge=1, le=2)
     max_new_tokens: int = Field(48, ge=1, le=1024)
     min_new_tokens: int = Field(0, ge=0, le=1024, description="benchmarks only: never stop before this many")
+
+
+class RankingSettings(_Section):
+    """How the `sampling.samples` replies are ranked to offer the best `sampling.candidates` (bot/ranking.py)."""
+
+    enabled: bool = Field(True, description="rank the samples; off: offer the first distinct ones as sampled")
+    logprob_weight: float = Field(1.0, description="prior weight of a reply's mean token log-probability")
+    relevance_weight: float = Field(1.0, description="prior weight of its relevance: log-prob given the "
+                                    "conversation minus given the persona alone (replies that ignore the message)")
+    learn: bool = Field(True, description="learn each user's ranking from their picks, after every pick")
+    state_dims: int = Field(64, ge=0, le=512, description="numbers kept of a reply's hidden state for the "
+                            "per-user ranker (a fixed projection); 0: rank by the two signals alone")
+    l2: float = Field(1.0, gt=0, description="pull of the learned weights towards the prior (higher: slower to change)")
+    history_picks: int = Field(200, ge=1, description="the user's most recent picks the ranker is fit on")
+    shuffle_shown: bool = Field(True, description="show the best candidates in random order, so the number a "
+                                "reply gets says nothing about its rank (picks of button 1 out of habit teach nothing)")
 
 
 class ChatSettings(_Section):
@@ -230,6 +248,7 @@ class Settings(BaseSettings):
 
     model: ModelSettings = ModelSettings()
     sampling: SamplingSettings = SamplingSettings()
+    ranking: RankingSettings = RankingSettings()
     chat: ChatSettings = ChatSettings()
     storage: StorageSettings = StorageSettings()
     training: TrainingSettings = TrainingSettings()

@@ -28,6 +28,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bot import ranking
 from bot.config import Settings
 from bot.generations import ADAPTER_ERROR, adapter_name, forget_generations, lineage_of, served_lineage
 from bot.messages import LANGUAGES
@@ -300,6 +301,7 @@ class DialogueEngine:
                 self.store.record_pick(offer, index)
             except sqlite3.IntegrityError:  # picked in the meantime by another process
                 return self._repeated_pick(self.store.candidate_set(set_id), index)
+            await self._learn_ranking(user)
             return Picked(set_id, index, offer["candidates"][index]["text"], persona_name=self.persona_of(user).name)
 
     async def on_thumb(self, user: UserRef, set_id: str, value: int) -> bool:
@@ -341,10 +343,15 @@ class DialogueEngine:
             return Opening(greeting, card.name, self.language_hint(user))
 
     async def set_learning(self, user: UserRef, enabled: bool) -> None:
-        """Opt out of (or back into) learning: picks and thumbs stay stored but no training run uses them."""
+        """Opt out of (or back into) learning: picks and thumbs stay stored but no training run uses them,
+        and the ranking they taught is dropped (offers are ranked by the model's signals alone)."""
         async with self._user_locks.hold(user.id):
             self._ensure_user(user)
             self.store.update_user(user.id, learning_opt_out=0 if enabled else 1)
+            if enabled:  # their stored picks count again: so does what they taught the ranking
+                await self._learn_ranking(user)
+            else:
+                self.store.drop_ranker(user.id)
 
     def learning_enabled(self, user: UserRef) -> bool:
         row = self.store.user(user.id)
@@ -401,25 +408,57 @@ class DialogueEngine:
         card = self.persona_of(user)
         # reading a long conversation and counting its tokens: off the event loop, where others' events wait
         prompt, notices = await asyncio.to_thread(self._prompt, card, conversation_id, user_turn_id)
-        texts, raw, adapter = await self._sample_distinct(prompt, card, user)
+        replies, adapter = await self._sample_distinct(prompt, card, user)
         generation = adapter.name if adapter else self.tokenizer.generation
         wanted = self.settings.sampling.candidates
-        if not texts:
+        if not replies:
             raise EngineError("no_reply")
-        if len(texts) < wanted:
-            notices.append(Notice("fewer_candidates", {"count": len(texts)}))
+        ranked = ranking.score_samples(replies, self._ranker_weights(user), self.settings.ranking) \
+            if self.settings.ranking.enabled else [ranking.Scored(t, s, None, None) for t, s in replies.items()]
+        shown = ranked[:wanted]
+        if self.settings.ranking.shuffle_shown:
+            random.shuffle(shown)  # the number a reply gets says nothing about its rank
+        if len(shown) < wanted:
+            notices.append(Notice("fewer_candidates", {"count": len(shown)}))
+        rank_of = {id(item): i for i, item in enumerate(ranked)}
         set_id = self.store.add_candidate_set(
             conversation_id=conversation_id, user_id=user.id, user_turn_id=user_turn_id, persona=card.key,
             prompt=prompt.text, context=prompt.messages, prompt_tokens=prompt.tokens,
             dropped_turns=prompt.dropped_turns, model=self.tokenizer.name, generation=generation,
             sampling=self.settings.sampling.model_dump(),
-            candidates=[{"text": t, "new_tokens": raw[t].new_tokens, "hit_stop": raw[t].hit_stop} for t in texts],
+            candidates=[{"text": item.text, "new_tokens": item.sample.new_tokens, "hit_stop": item.sample.hit_stop,
+                         "shown": item in shown, "ranked": rank_of[id(item)] if item.score is not None else None,
+                         "score": item.score, "logprob": item.sample.logprob, "relevance": item.sample.relevance,
+                         "state": item.state.tobytes() if item.state is not None else None}
+                        for item in shown + ranked[wanted:]],
         )
+        texts = [item.text for item in shown]
         auto = len(texts) == 1
         if auto:
             self.store.record_pick(self.store.candidate_set(set_id), 0, auto=True)
         return Offer(set_id, texts, notices, auto_picked=auto, generation=generation, persona_name=card.name,
                      language=self.language_of(user))
+
+    def _ranker_weights(self, user: UserRef) -> list[float] | None:
+        """The user's learned ranking (None: the prior), unless they opted out of learning."""
+        if not self.settings.ranking.learn or not self.learning_enabled(user):
+            return None
+        return self.store.ranker(user.id)
+
+    async def _learn_ranking(self, user: UserRef) -> None:
+        """Fit the user's ranker to their recent picks (after each pick: their next offer reflects it)."""
+        cfg = self.settings.ranking
+        if not (cfg.enabled and cfg.learn and self.learning_enabled(user)):
+            return
+
+        def learn() -> None:
+            history = ranking.pick_features(self.store.ranking_history(user.id, cfg.history_picks), cfg)
+            if history:
+                self.store.save_ranker(user.id, ranking.fit(history, self.store.ranker(user.id), cfg), len(history))
+        try:
+            await asyncio.to_thread(learn)
+        except Exception:  # the pick is stored either way; the next pick fits again
+            logger.exception("learning the ranking of %s failed", user.id)
 
     def _prompt(self, card: PersonaCard, conversation_id: int, user_turn_id: int) -> tuple[Prompt, list[Notice]]:
         """The prompt for the conversation's newest message, and a notice when that message was shortened."""
@@ -456,20 +495,25 @@ class DialogueEngine:
         return None
 
     async def _sample_distinct(self, prompt: Prompt, card: PersonaCard, user: UserRef
-                               ) -> tuple[list[str], dict[str, Sample], AdapterRef | None]:
-        """Sample until there are N distinct non-empty replies (or the rounds run out).
+                               ) -> tuple[dict[str, Sample], AdapterRef | None]:
+        """Distinct non-empty replies (cleaned text -> sample): `sampling.samples` of them asked for in one
+        batched call (with the model's signals when ranking), more only while fewer than
+        `sampling.candidates` are distinct (for up to MAX_SAMPLING_ROUNDS calls).
 
         An adapter that cannot be served (a missing or corrupt folder) falls back to the previous
         generation (or the base model), and the problem is recorded where admins see it (`/status`, the log).
         """
         adapter = self._serving_adapter(user)
-        wanted = self.settings.sampling.candidates
+        offered = self.settings.sampling.candidates
+        ranked = self.settings.ranking.enabled and getattr(self.generator, "signals", False)
+        wanted = max(self.settings.sampling.samples, offered) if ranked else offered
+        unconditional = (prompt.unconditional or None) if ranked else None
         kept: dict[str, Sample] = {}
         for _ in range(MAX_SAMPLING_ROUNDS):
             missing = wanted - len(kept)
             try:
                 samples = await self.generator.sample(prompt.text, missing, self.settings.sampling, prompt.stop,
-                                                      adapter, prompt.prefix)
+                                                      adapter, prompt.prefix, unconditional=unconditional)
             except AdapterError as exc:
                 self._broken.add(adapter.name)
                 self.store.set_flag(ADAPTER_ERROR + adapter.name, str(exc)[:500])
@@ -485,6 +529,7 @@ class DialogueEngine:
                 text = clean_reply(s.text, card)
                 if text and text not in kept and len(kept) < wanted:
                     kept[text] = s
-            if len(kept) >= wanted:
+            if len(kept) >= offered:
                 break
-        return list(kept), kept, adapter
+            wanted = offered  # refills: only what the offer lacks
+        return kept, adapter

@@ -242,7 +242,7 @@ class ModelBackend(PromptTokenizer):
             if prompt not in prompt_ids:
                 prompt_ids[prompt] = self.tokenizer(prompt, add_special_tokens=add_special).input_ids
             ids = self.tokenizer(prompt + completion, add_special_tokens=add_special).input_ids
-            rows.append((ids, _completion_start(prompt_ids[prompt], ids)))
+            rows.append((ids, completion_start(prompt_ids[prompt], ids)))
         results: list[tuple[list[int], list[float]]] = [([], [])] * len(items)
         todo = sorted((i for i, (ids, start) in enumerate(rows) if start < len(ids)),
                       key=lambda i: len(rows[i][0]), reverse=True)
@@ -466,7 +466,7 @@ def merge_adapter(model, adapter_dir: Path):
     return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
 
 
-def _completion_start(prompt_ids: list[int], ids: list[int]) -> int:
+def completion_start(prompt_ids: list[int], ids: list[int]) -> int:
     """Index of the first completion token in `ids` (prompt + completion): where they part from the
     prompt's own tokens (a merge across the boundary starts the completion early); never 0, since
     the first token has nothing before it to be predicted from."""

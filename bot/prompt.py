@@ -44,6 +44,8 @@ class Prompt:
     tokens: int = 0
     shortened_last: bool = False   # the newest turn had to be cut to fit the budget
     prefix: str = ""               # the start of `text` every chat with this persona shares (persona, examples)
+    unconditional: str = ""        # the prompt with no conversation: what the persona says to nothing in
+    # particular (a reply as likely here as after the user's message ignores it: bot/ranking.py)
 
 
 def shorten(text: str, limit: int) -> tuple[str, bool]:
@@ -114,7 +116,8 @@ def build_prompt(card: PersonaCard, history: list[Turn], *, count_tokens: Callab
             except Exception:  # some templates insist on a user turn
                 system_only = ""
             text = chat_template(messages)
-            return Prompt(text, [], messages, prefix=os.path.commonprefix([text, system_only]))
+            return Prompt(text, [], messages, prefix=os.path.commonprefix([text, system_only]),
+                          unconditional=system_only)
         lines = [persona_text, ""]
         if with_examples:
             for example in examples:
@@ -123,7 +126,7 @@ def build_prompt(card: PersonaCard, history: list[Turn], *, count_tokens: Callab
         lines += [f"{_label(t.role, card, user)}: {one_line(t.text)}" for t in turns]
         lines.append(f"{card.name}:")
         messages = [{"role": "system", "content": persona_text}, *_chat_messages(turns)]
-        return Prompt("\n".join(lines), ["\n"], messages, prefix=prefix)
+        return Prompt("\n".join(lines), ["\n"], messages, prefix=prefix, unconditional=f"{prefix}{card.name}:")
 
     # Count turns newest first and stop at the budget (a 2,000-turn history costs what fits, not all of
     # it), then check the real total and trim if needed.

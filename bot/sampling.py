@@ -6,8 +6,9 @@ transformers' top-p warper sorts every logit at every step, and its multinomial 
 whole vocabulary again: with Gemma 3's 262k tokens that was about 40% of a reply's time on the CPU.
 The nucleus (the fewest most probable tokens that hold `top_p` of the probability) nearly always lies
 within the top few hundred, so `NucleusSampler` takes the top `POOL` tokens with `torch.topk`, checks
-that they hold at least `top_p` of the probability (rows where they do not are sorted in full, so the
-result is exactly top-p, never an approximation) and draws among them. It runs as the last logits
+that they hold at least `top_p` of the probability (rows where they do not look at 16 times as many,
+then are sorted in full, so the result is exactly top-p, never an approximation; a flat distribution
+of a base model, more common the more replies are sampled, seldom needs the full sort) and draws among them. It runs as the last logits
 processor of a greedy `generate`: it returns scores in which only the drawn token is finite, so greedy
 decoding emits it, while transformers' repetition penalty, minimum length and stop criteria still apply.
 """
@@ -15,11 +16,12 @@ decoding emits it, while transformers' repetition penalty, minimum length and st
 from __future__ import annotations
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from bot.config import SamplingSettings
 
-POOL = 1024  # tokens looked at before falling back to a full sort
+POOL = 1024  # tokens looked at first
+WIDE = 16    # rows whose nucleus is not within the pool look at POOL * WIDE, then sort in full
 
 
 class NucleusSampler(LogitsProcessor):
@@ -47,10 +49,16 @@ class NucleusSampler(LogitsProcessor):
         else:
             probs_all = scores.softmax(dim=-1)
             probs, tokens = probs_all.topk(min(self.pool, vocab), dim=-1)
-            short = probs.sum(dim=-1) < self.top_p  # the nucleus reaches past the pool: sort these rows in full
-            if self.top_k or short.any():
-                rows = torch.arange(len(scores)) if self.top_k else short.nonzero().flatten()
-                probs, tokens = self._full(scores[rows], probs, tokens, rows)
+            short = probs.sum(dim=-1) < self.top_p  # the nucleus reaches past the pool
+            if self.top_k:
+                probs, tokens = self._full(scores, probs, tokens, torch.arange(len(scores)))
+            elif short.any():  # those rows: a pool WIDE times larger (a flat distribution), else a full sort
+                rows = short.nonzero().flatten()
+                wide, wide_tokens = probs_all[rows].topk(min(self.pool * WIDE, vocab), dim=-1)
+                probs, tokens = _put_rows(probs, tokens, rows, wide, wide_tokens)
+                still = rows[wide.sum(dim=-1) < self.top_p]
+                if len(still):
+                    probs, tokens = self._full(scores[still], probs, tokens, still)
         if self.top_p >= 1:
             return probs, tokens
         kept = probs.cumsum(dim=-1) - probs < self.top_p  # keep while the mass before a token is short of top_p
@@ -58,26 +66,41 @@ class NucleusSampler(LogitsProcessor):
         return torch.where(kept, probs, torch.zeros_like(probs)), tokens
 
     def _full(self, scores: torch.Tensor, probs: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor):
-        """Rows `rows` redone with a full sort (and top-k when set above the pool); the rest padded to fit."""
+        """Rows `rows` (their `scores`) redone with a full sort (and top-k when set above the pool)."""
         values, order = scores.sort(dim=-1, descending=True)
         if self.top_k:
             values, order = values[:, :self.top_k], order[:, :self.top_k]
-        full_probs = values.softmax(dim=-1)
-        width = max(full_probs.shape[-1], probs.shape[-1])
-        padded_probs = torch.nn.functional.pad(probs, (0, width - probs.shape[-1]))
-        padded_tokens = torch.nn.functional.pad(tokens, (0, width - tokens.shape[-1]))
-        padded_probs[rows] = torch.nn.functional.pad(full_probs, (0, width - full_probs.shape[-1]))
-        padded_tokens[rows] = torch.nn.functional.pad(order, (0, width - order.shape[-1]))
-        return padded_probs, padded_tokens
+        return _put_rows(probs, tokens, rows, values.softmax(dim=-1), order)
 
 
-def generate_kwargs(sampling: SamplingSettings, tokenizer, stop: list[str] | tuple[str, ...] = ()) -> dict:
+def _put_rows(probs: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, new_probs: torch.Tensor,
+              new_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`probs` and `tokens` with rows `rows` replaced by wider ones; every row zero-padded to the widest."""
+    width = max(new_probs.shape[-1], probs.shape[-1])
+    padded_probs = torch.nn.functional.pad(probs, (0, width - probs.shape[-1]))
+    padded_tokens = torch.nn.functional.pad(tokens, (0, width - tokens.shape[-1]))
+    padded_probs[rows] = torch.nn.functional.pad(new_probs, (0, width - new_probs.shape[-1]))
+    padded_tokens[rows] = torch.nn.functional.pad(new_tokens, (0, width - new_tokens.shape[-1]))
+    return padded_probs, padded_tokens
+
+
+def generate_kwargs(sampling: SamplingSettings, tokenizer, stop: list[str] | tuple[str, ...] = (),
+                    recorder: LogitsProcessor | None = None) -> dict:
     """The `generate` arguments for sampling with these settings through `NucleusSampler`, padding with
-    `tokenizer`'s pad token and stopping at any of `stop`."""
+    `tokenizer`'s pad token and stopping at any of `stop`.
+
+    A `recorder` (bot/serving/signals.py) sees the model's raw scores: the repetition penalty then runs
+    as our own processor after it, instead of as one of generate's own (those run before ours)."""
+    sampler = NucleusSampler(sampling.temperature, sampling.top_p, sampling.top_k)
+    penalty = sampling.repetition_penalty
+    if recorder is None:
+        processors = [sampler]
+    else:
+        processors = [recorder, *([RepetitionPenaltyLogitsProcessor(penalty)] if penalty != 1 else []), sampler]
+        penalty = 1.0
     kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None,
-                  logits_processor=LogitsProcessorList([NucleusSampler(sampling.temperature, sampling.top_p,
-                                                                       sampling.top_k)]),
-                  repetition_penalty=sampling.repetition_penalty, max_new_tokens=sampling.max_new_tokens,
+                  logits_processor=LogitsProcessorList(processors),
+                  repetition_penalty=penalty, max_new_tokens=sampling.max_new_tokens,
                   pad_token_id=tokenizer.pad_token_id)
     if sampling.min_new_tokens:
         kwargs["min_new_tokens"] = sampling.min_new_tokens

@@ -6,12 +6,14 @@ Tables (every pick can later be turned into a (context, chosen, rejected) record
     conversations    a user's conversations; the active one has ended_at NULL
     turns            what was said: user messages, greetings and picked replies only
     candidate_sets   one per generation request: the exact prompt, sampling settings, model generation
-    candidates       the N sampled replies of a set, each with the settings and generation that made it
+    candidates       the N sampled replies of a set, each with the settings and generation that made it, the
+                     scorer's signals and rank, and whether it was shown (only the best K are offered)
     picks            which candidate the user chose (at most one per set)
     reactions        thumbs up/down on single replies
     generations      trained LoRA generations with their gate metrics (written by the nightly rollover)
     serving          per lineage, the generation being served (no row or NULL: the base model)
     rollover_runs    when each nightly rollover ran and how it ended
+    rankers          per user, the weights of the ranker their picks taught (bot/ranking.py)
     platform_messages  the chat-platform message that shows a candidate set
 """
 
@@ -174,6 +176,23 @@ MIGRATIONS: list[str] = [
     ALTER TABLE rollover_runs ADD COLUMN lineages_failed INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE rollover_runs ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;
     """,
+    # 7: best-of-N offers: every sampled candidate is kept with the scorer's signals and its rank, and
+    #    says whether it was shown (shown ones are numbered idx 0..K-1 as offered, the rest follow);
+    #    each user's ranker weights, learned from their picks
+    """
+    ALTER TABLE candidates ADD COLUMN shown INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE candidates ADD COLUMN ranked INTEGER;
+    ALTER TABLE candidates ADD COLUMN score REAL;
+    ALTER TABLE candidates ADD COLUMN logprob REAL;
+    ALTER TABLE candidates ADD COLUMN relevance REAL;
+    ALTER TABLE candidates ADD COLUMN state BLOB;
+    CREATE TABLE rankers (
+        user_id TEXT PRIMARY KEY REFERENCES users(id),
+        weights_json TEXT NOT NULL,
+        picks INTEGER NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    """,
 ]
 
 CLOSED_STATUSES = ("picked", "skipped", "regenerated", "reset")
@@ -319,7 +338,9 @@ class Store:
                           prompt: str, context: list[dict], prompt_tokens: int, dropped_turns: int, model: str,
                           generation: str, sampling: dict, candidates: list[dict],
                           created_at: str | None = None) -> str:
-        """Store a set and its candidates (dicts with text, new_tokens, hit_stop); returns the set id.
+        """Store a set and its candidates (dicts with text, new_tokens, hit_stop, and optionally shown,
+        ranked, score, logprob, relevance, state); returns the set id. Shown candidates come first, in
+        the order they are offered.
 
         `created_at` is for imported picks (see bot/picks_import.py); live sets are stamped now.
         """
@@ -337,13 +358,19 @@ class Store:
             self.db["candidates"].insert_all({
                 "set_id": set_id, "idx": idx, "text": c["text"], "model": model, "generation": generation,
                 "sampling_json": sampling_json, "new_tokens": c["new_tokens"], "hit_stop": int(c["hit_stop"]),
+                "shown": int(c.get("shown", True)), "ranked": c.get("ranked"), "score": c.get("score"),
+                "logprob": c.get("logprob"), "relevance": c.get("relevance"), "state": c.get("state"),
             } for idx, c in enumerate(candidates))
         return set_id
 
     def candidate_set(self, set_id: str) -> dict | None:
+        """The set with `candidates` (those offered, in their numbered order) and `unshown` (sampled, ranked
+        lower, never offered)."""
         row = self._one("SELECT * FROM candidate_sets WHERE id = ?", set_id)
         if row is not None:
-            row["candidates"] = list(self.db.query("SELECT * FROM candidates WHERE set_id = ? ORDER BY idx", [set_id]))
+            every = list(self.db.query("SELECT * FROM candidates WHERE set_id = ? ORDER BY idx", [set_id]))
+            row["candidates"] = [c for c in every if c["shown"]]
+            row["unshown"] = [c for c in every if not c["shown"]]
         return row
 
     def open_set(self, user_id: str, chat: str = "") -> dict | None:
@@ -437,6 +464,7 @@ class Store:
                 pick = self.pick_of(row["id"])
                 sets.append({"id": offer["id"], "created_at": offer["created_at"], "status": offer["status"],
                              "generation": offer["generation"], "candidates": [c["text"] for c in offer["candidates"]],
+                             "not_shown": [c["text"] for c in offer["unshown"]],
                              "picked": pick["idx"] if pick else None})
             turns = [{"role": t["role"], "text": t["text"], "source": t["source"], "at": t["created_at"]}
                      for t in self.turns(conversation["id"])]
@@ -445,7 +473,10 @@ class Store:
                                   "turns": turns, "candidate_sets": sets})
         reactions = list(self.db.query("SELECT turn_id, value, emoji, created_at FROM reactions WHERE user_id = ?",
                                        [user_id]))
-        return {"format": "banryeo-export-1", "user": user, "conversations": conversations, "reactions": reactions}
+        ranker = self._one("SELECT weights_json, picks, updated_at FROM rankers WHERE user_id = ?", user_id)
+        return {"format": "banryeo-export-1", "user": user, "conversations": conversations, "reactions": reactions,
+                "ranker": ranker and {"weights": json.loads(ranker["weights_json"]), "picks": ranker["picks"],
+                                      "updated_at": ranker["updated_at"]}}
 
     def forget_user(self, user_id: str) -> None:
         """Delete every row of one user, and their lineage's entries in rollover summaries, in one
@@ -455,6 +486,7 @@ class Store:
             for sql in (f"DELETE FROM platform_messages WHERE set_id IN ({sets})",
                         "DELETE FROM picks WHERE user_id = ?",
                         "DELETE FROM reactions WHERE user_id = ?",
+                        "DELETE FROM rankers WHERE user_id = ?",
                         "UPDATE turns SET candidate_set_id = NULL, candidate_id = NULL WHERE user_id = ?",
                         f"DELETE FROM candidates WHERE set_id IN ({sets})",
                         "DELETE FROM candidate_sets WHERE user_id = ?",
@@ -544,7 +576,8 @@ class Store:
 
     def preference_records(self, user_id: str | None = None, after_pick_id: int = 0,
                            pick_ids: list[int] | None = None) -> Iterator[dict]:
-        """One record per real pick: the prompt exactly as the model saw it, the chosen text, the rejected siblings.
+        """One record per real pick: the prompt exactly as the model saw it, the chosen text, the rejected
+        siblings (shown beside it and not picked) and the unshown ones (sampled, ranked lower, never offered).
 
         Automatic picks (a set with a single distinct candidate) and users who opted out of learning are left out.
         `pick_ids` reads only those picks (a night's sample), whatever the history's length.
@@ -560,14 +593,15 @@ class Store:
             sql += " AND p.id IN (SELECT value FROM json_each(?))"
             params.append(json.dumps(sorted(pick_ids)))
         for row in self.db.query(sql + " ORDER BY p.id", params):
-            candidates = list(self.db.query("SELECT id, text FROM candidates WHERE set_id = ? ORDER BY idx",
+            candidates = list(self.db.query("SELECT id, text, shown FROM candidates WHERE set_id = ? ORDER BY idx",
                                             [row["set_id"]]))
             yield {
                 "pick_id": row["pick_id"], "set_id": row["set_id"], "user_id": row["user_id"], "prompt": row["prompt"],
                 "context": json.loads(row["context_json"]), "generation": row["generation"],
                 "sampling": json.loads(row["sampling_json"]), "picked_at": row["created_at"],
                 "chosen": next(c["text"] for c in candidates if c["id"] == row["candidate_id"]),
-                "rejected": [c["text"] for c in candidates if c["id"] != row["candidate_id"]],
+                "rejected": [c["text"] for c in candidates if c["id"] != row["candidate_id"] and c["shown"]],
+                "unshown": [c["text"] for c in candidates if not c["shown"]],  # never judged: not rejected
             }
 
     def pick_ids(self, user_id: str | None = None) -> list[int]:
@@ -592,6 +626,41 @@ class Store:
         for row in self.db.query(sql + " ORDER BY r.id", params):
             yield {"user_id": row["user_id"], "prompt": row["prompt"], "context": json.loads(row["context_json"]),
                    "completion": row["text"], "label": row["value"] > 0}
+
+    # -- rankers (bot/ranking.py) ----------------------------------------------------------------
+
+    def ranker(self, user_id: str) -> list[float] | None:
+        """The user's learned ranker weights, None when they have none (the prior ranks their offers)."""
+        row = self._one("SELECT weights_json FROM rankers WHERE user_id = ?", user_id)
+        return json.loads(row["weights_json"]) if row else None
+
+    def save_ranker(self, user_id: str, weights: list[float], picks: int) -> None:
+        with self.transaction():
+            self.db["rankers"].upsert({"user_id": user_id, "weights_json": json.dumps(weights), "picks": picks,
+                                       "updated_at": now()}, pk="user_id")
+
+    def drop_ranker(self, user_id: str) -> None:
+        with self.transaction():
+            self.db.execute("DELETE FROM rankers WHERE user_id = ?", [user_id])
+
+    def ranking_history(self, user_id: str, limit: int) -> list[dict]:
+        """The user's last `limit` picks among ranked offers, newest first: per pick, the chosen candidate's
+        signals (`chosen`: logprob, relevance, state) and those of the shown siblings (`rejected`)."""
+        picks = list(self.db.query("SELECT p.set_id, p.candidate_id FROM picks p WHERE p.user_id = ? AND p.auto = 0 "
+                                   "ORDER BY p.id DESC LIMIT ?", [user_id, limit]))
+        rows: dict[str, list[dict]] = {}
+        for row in self.db.query("SELECT id, set_id, logprob, relevance, state FROM candidates WHERE shown = 1 "
+                                 "AND logprob IS NOT NULL AND set_id IN (SELECT value FROM json_each(?))",
+                                 [json.dumps([p["set_id"] for p in picks])]):
+            rows.setdefault(row["set_id"], []).append(row)
+        history = []
+        for pick in picks:
+            siblings = rows.get(pick["set_id"], [])
+            chosen = [c for c in siblings if c["id"] == pick["candidate_id"]]
+            rejected = [c for c in siblings if c["id"] != pick["candidate_id"]]
+            if chosen and rejected:
+                history.append({"chosen": chosen[0], "rejected": rejected})
+        return history
 
     # -- generations ----------------------------------------------------------------------------
 

@@ -29,8 +29,9 @@ def dense(sampler: NucleusSampler, scores: torch.Tensor) -> torch.Tensor:
 def test_the_distribution_is_transformers_top_p(temperature, top_p, top_k):
     torch.manual_seed(0)
     peaked = torch.randn(4, 5000) * 4     # the nucleus fits in the pool
-    flat = torch.randn(3, 5000) * 0.1     # it does not: those rows are sorted in full
-    for scores in (peaked, flat, torch.cat([peaked, flat])):
+    medium = torch.randn(3, 5000) * 2.5   # it fits in the wide pool (64 x 16) only
+    flat = torch.randn(3, 5000) * 0.1     # neither: those rows are sorted in full
+    for scores in (peaked, medium, flat, torch.cat([peaked, medium, flat])):
         sampler = NucleusSampler(temperature, top_p, top_k, pool=64)
         want, got = reference(scores, temperature, top_p, top_k), dense(sampler, scores)
         assert torch.equal(want > 0, got > 0)  # the same tokens may be drawn ...

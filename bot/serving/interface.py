@@ -1,10 +1,12 @@
 """What every generator offers the dialogue engine, and what a request names: no torch here.
 
     samples = await generator.sample(prompt, 3, settings.sampling, ["\\n"], AdapterRef(name, path))
+    samples = await generator.sample(prompt, 8, ..., unconditional=prompt.unconditional)  # with signals
 
 `prefix` (optional) is the start of the prompt that many chats share, the persona and its example
-dialogue; a generator may reuse its KV cache across requests. `sample` is awaited from the event loop
-and never blocks it. The adapter a request uses is fixed when the request is made (an `AdapterRef`, or
+dialogue; a generator may reuse its KV cache across requests. `unconditional` (optional) is the prompt
+with no conversation in it (`Prompt.unconditional`): given it, the samples carry the model's signals.
+`sample` is awaited from the event loop and never blocks it. The adapter a request uses is fixed when the request is made (an `AdapterRef`, or
 None for the base model), so a promotion in the middle of a reply never changes the weights it is
 sampled with.
 """
@@ -21,11 +23,19 @@ from bot.generations import parse_adapter_name
 
 @dataclass(frozen=True)
 class Sample:
-    """One sampled continuation, already cut at the first stop string."""
+    """One sampled continuation, already cut at the first stop string.
+
+    Asked with `unconditional`, a generator also says what the model thought of it (bot/ranking.py ranks
+    by these); they cover the reply's tokens and the stop that ended it, read from the model's own
+    distribution (before temperature, top-p and repetition penalty):
+    """
 
     text: str
     new_tokens: int
     hit_stop: bool
+    logprob: float | None = None        # mean log-probability per token, given the whole prompt
+    relevance: float | None = None      # `logprob` minus the same mean given the persona alone (no conversation)
+    features: tuple[float, ...] = ()    # the model's mean last hidden state over those tokens (local generator)
 
 
 @dataclass(frozen=True)
@@ -53,8 +63,11 @@ class AdapterError(Exception):
 
 
 class Generator(Protocol):
+    signals: bool  # whether samples asked with `unconditional` carry logprob, relevance (and features)
+
     async def sample(self, prompt: str, n: int, sampling: SamplingSettings, stop: list[str],
-                     adapter: AdapterRef | None, prefix: str = "") -> list[Sample]: ...
+                     adapter: AdapterRef | None, prefix: str = "", unconditional: str | None = None
+                     ) -> list[Sample]: ...
 
     def stats(self) -> dict: ...
 

@@ -10,23 +10,25 @@ bot/serving/slots.py); its shared prompt prefix comes from the prefix cache (bot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
 from bot.config import ModelSettings, SamplingSettings, ServingSettings
-from bot.model import ModelBackend
+from bot.model import ModelBackend, completion_start
 from bot.sampling import generate_kwargs
 from bot.serving.interface import AdapterError, AdapterRef, Sample
 from bot.serving.kv_cache import PrefixCache, left_padded_batch
 from bot.serving.multi_lora import install_multi_lora
+from bot.serving.signals import SignalRecorder, reply_tokens
 from bot.serving.slots import AdapterCache
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class _Request:
     adapter: AdapterRef | None
     future: Future
     prefix: str = ""
+    unconditional: str | None = None  # given: score the samples (bot/serving/signals.py)
     key: tuple = ()
 
     def __post_init__(self) -> None:
@@ -62,6 +65,8 @@ class LocalGenerator:
     operation waits for them to wake (a batched LoRA matmul took 3x longer when the model had been
     loaded on the event loop's thread; bench/mixed_batch.py shows the effect on whole replies).
     """
+
+    signals = True  # samples asked with `unconditional` carry the model's signals (bot/serving/signals.py)
 
     def __init__(self, backend: ModelBackend | Callable[[], ModelBackend], serving: ServingSettings):
         """`backend`, or a function that loads it on the worker thread (see `load`)."""
@@ -91,13 +96,13 @@ class LocalGenerator:
                                   self.serving.merged_adapters)
 
     async def sample(self, prompt: str, n: int, sampling: SamplingSettings, stop: list[str],
-                     adapter: AdapterRef | None, prefix: str = "") -> list[Sample]:
-        return await asyncio.wrap_future(self.submit(prompt, n, sampling, stop, adapter, prefix))
+                     adapter: AdapterRef | None, prefix: str = "", unconditional: str | None = None) -> list[Sample]:
+        return await asyncio.wrap_future(self.submit(prompt, n, sampling, stop, adapter, prefix, unconditional))
 
     def submit(self, prompt: str, n: int, sampling: SamplingSettings, stop: list[str],
-               adapter: AdapterRef | None, prefix: str = "") -> Future:
+               adapter: AdapterRef | None, prefix: str = "", unconditional: str | None = None) -> Future:
         """Queue a request from any thread; the future holds its samples (or the error)."""
-        request = _Request(prompt, n, sampling, tuple(stop), adapter, Future(), prefix)
+        request = _Request(prompt, n, sampling, tuple(stop), adapter, Future(), prefix, unconditional)
         self._put(self._queue, request)
         return request.future
 
@@ -297,9 +302,12 @@ class LocalGenerator:
         inputs = tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True,
                            add_special_tokens=not backend.use_chat_template).to(backend.model.device)
         s, stop = requests[0].sampling, list(requests[0].stop)
-        kwargs = generate_kwargs(s, tokenizer, stop)
+        recorder = SignalRecorder(backend.model.get_decoder()) \
+            if any(r.unconditional is not None for r in requests) else None
+        kwargs = generate_kwargs(s, tokenizer, stop, recorder=recorder)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         rows = torch.tensor([i for i, r in enumerate(requests) for _ in range(r.n)], device=ids.device)
+        relevance: dict[int, list[float | None]] = {}
         with backend.lock:
             try:
                 if backend._generator_seed is not None:
@@ -311,15 +319,89 @@ class LocalGenerator:
                     cache.batch_select_indices(rows)
                     kwargs["cache"] = cache
                 self._route(row_slots)
-                output = backend.model.generate(input_ids=ids[rows], attention_mask=mask[rows], **kwargs)
+                with recorder.watching() if recorder else contextlib.nullcontext():
+                    output = backend.model.generate(input_ids=ids[rows], attention_mask=mask[rows], **kwargs)
+                new_tokens = output[:, ids.shape[1]:]
+                samples = [backend.decode_sample(row, stop) for row in new_tokens]
+                if recorder is not None:
+                    samples = self._with_signals(samples, new_tokens, recorder.finish(output[:, -1]), stop)
+                    start = 0
+                    for i, (request, slot) in enumerate(zip(requests, request_slots)):
+                        if request.unconditional:
+                            relevance[i] = self._relevance(request, slot, samples[start:start + request.n])
+                        start += request.n
             finally:
                 self.router.clear()
         self.batches += 1
         self.rows += len(row_slots)
-        new_tokens = output[:, ids.shape[1]:]
-        samples = [backend.decode_sample(row, stop) for row in new_tokens]
         results, start = [], 0
-        for request in requests:
-            results.append(samples[start:start + request.n])
+        for i, request in enumerate(requests):
+            mine = samples[start:start + request.n]
+            if i in relevance:
+                mine = [replace(sample, relevance=value) for sample, value in zip(mine, relevance[i])]
+            results.append(mine)
             start += request.n
         return results
+
+    def _with_signals(self, samples: list[Sample], new_tokens: torch.Tensor, recorded, stop: list[str]
+                      ) -> list[Sample]:
+        """Each sample with the mean log-prob and mean hidden state over its reply's tokens."""
+        logprobs, hidden = recorded
+        tokenizer = self.backend.tokenizer
+        end_ids = {tokenizer.pad_token_id, tokenizer.eos_token_id, *self._eos_ids()} - {None}
+        scored = []
+        for row, sample in enumerate(samples):
+            count = min(reply_tokens(tokenizer, new_tokens[row].tolist(), stop, end_ids), logprobs.shape[1])
+            if count < 1:
+                scored.append(sample)
+                continue
+            scored.append(replace(sample, logprob=round(float(logprobs[row, :count].mean()), 4),
+                                  features=tuple(hidden[row, :count].mean(dim=0).tolist())))
+        return scored
+
+    def _eos_ids(self) -> list[int]:
+        eos = getattr(self.backend.model.generation_config, "eos_token_id", None)
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    def _relevance(self, request: _Request, slot: int, samples: list[Sample]) -> list[float | None]:
+        """Per sample: its mean log-prob given the whole prompt minus the same given `request.unconditional`
+        (the persona alone), on the request's own adapter. The persona's KV cache comes from the prefix
+        cache, so only the reply labels and the replies are computed, all samples in one pass."""
+        backend, tokenizer = self.backend, self.backend.tokenizer
+        split = backend._split_model()
+        add_special = not backend.use_chat_template
+        base = tokenizer(request.unconditional, add_special_tokens=add_special).input_ids
+        rows = []  # (token ids of unconditional prompt + reply, index of the reply's first token)
+        for sample in samples:
+            ids = tokenizer(request.unconditional + sample.text, add_special_tokens=add_special).input_ids
+            rows.append((ids, completion_start(base, ids)))
+        wanted = [i for i, ((ids, start), sample) in enumerate(zip(rows, samples))
+                  if start < len(ids) and sample.logprob is not None]
+        if split is None or not wanted:
+            return [None] * len(samples)
+        decoder, logits_of = split
+        rows = [rows[i] for i in wanted]
+        shared, cache = 0, None
+        if request.prefix and self.serving.prefix_cache:
+            prefix = self._prefix_tokens(request.prefix)
+            if all(0 < len(prefix) < start and ids[:len(prefix)] == prefix.tolist() for ids, start in rows):
+                shared = len(prefix)
+                cache = self.prefixes.copy_of(request.adapter, request.prefix,
+                                              lambda: self._forward(prefix.to(backend.model.device), 0, None))
+                cache.batch_select_indices(torch.zeros(len(rows), dtype=torch.long, device=backend.model.device))
+        width = max(len(ids) for ids, _ in rows) - 1 - shared  # the last token predicts nothing scored
+        device = backend.model.device
+        inputs = torch.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        for r, (ids, _) in enumerate(rows):  # right-padded: causal attention never looks at the padding
+            inputs[r, :len(ids) - 1 - shared] = torch.tensor(ids[shared:-1])
+        positions = torch.arange(shared, shared + width)[None].expand(len(rows), -1)
+        self._route([slot] * len(rows))
+        hidden = decoder(input_ids=inputs.to(device), position_ids=positions.to(device), cache=cache,
+                         use_cache=cache is not None).last_hidden_state
+        values: list[float | None] = [None] * len(samples)
+        for r, (i, (ids, start)) in enumerate(zip(wanted, rows)):
+            targets = torch.tensor(ids[start:], device=device)  # the reply's tokens (its text ends before the stop)
+            logits = logits_of(hidden[r, start - 1 - shared:len(ids) - 1 - shared]).float()
+            unconditional = float((logits.gather(-1, targets[:, None])[:, 0] - logits.logsumexp(-1)).mean())
+            values[i] = round(samples[i].logprob - unconditional, 4)
+        return values
