@@ -227,11 +227,31 @@ class ModelBackend(PromptTokenizer):
         scored = self.token_logprobs(items, adapter, batch_size)
         return [(float(sum(logprobs)), len(logprobs)) for _, logprobs in scored]
 
+    def reply_signals(self, prompt: str, unconditional: str, replies: list[str], adapter: str | None = None
+                      ) -> list[Sample]:
+        """Replies given as text (imported picks, benchmarks) with the signals the serving path reads while
+        sampling (bot/serving/signals.py), by teacher forcing: mean log-prob of the reply's tokens after
+        `prompt`, that minus the mean after `unconditional`, and the mean last hidden state that predicted
+        them. Give replies as the model writes them (in a transcript, after a space)."""
+        conditional = self.token_logprobs([(prompt, reply) for reply in replies], adapter, states=True)
+        alone = self.token_logprobs([(unconditional, reply) for reply in replies], adapter)
+        samples = []
+        for reply, (ids, logprobs, state), (_, alone_logprobs) in zip(replies, conditional, alone):
+            if not logprobs:
+                samples.append(Sample(reply, 0, True))
+                continue
+            mean = sum(logprobs) / len(logprobs)
+            relevance = mean - sum(alone_logprobs) / len(alone_logprobs) if alone_logprobs else None
+            samples.append(Sample(reply, len(ids), True, logprob=round(mean, 4),
+                                  relevance=None if relevance is None else round(relevance, 4), features=state))
+        return samples
+
     @torch.inference_mode()
-    def token_logprobs(self, items: list[tuple[str, str]], adapter: str | None = None, batch_size: int = 16
-                       ) -> list[tuple[list[int], list[float]]]:
+    def token_logprobs(self, items: list[tuple[str, str]], adapter: str | None = None, batch_size: int = 16,
+                       states: bool = False) -> list[tuple]:
         """(the completion's token ids, the log-prob of each) for each (prompt, completion), in order
-        (see `score_completions`, which sums them)."""
+        (see `score_completions`, which sums them); with `states`, a third item: the mean last hidden
+        state at the positions that predict the completion's tokens, as a tuple of floats."""
         add_special = not self.use_chat_template
         prompt_ids: dict[str, list[int]] = {}
         rows: list[tuple[list[int], int]] = []  # (token ids of prompt + completion, first completion index)
@@ -243,23 +263,27 @@ class ModelBackend(PromptTokenizer):
                 prompt_ids[prompt] = self.tokenizer(prompt, add_special_tokens=add_special).input_ids
             ids = self.tokenizer(prompt + completion, add_special_tokens=add_special).input_ids
             rows.append((ids, completion_start(prompt_ids[prompt], ids)))
-        results: list[tuple[list[int], list[float]]] = [([], [])] * len(items)
+        results: list[tuple] = [([], [], ()) if states else ([], [])] * len(items)
         todo = sorted((i for i, (ids, start) in enumerate(rows) if start < len(ids)),
                       key=lambda i: len(rows[i][0]), reverse=True)
         with self.lock, self._use_adapter(adapter):
             split = self._split_model()
             for first in range(0, len(todo), max(batch_size, 1)):
                 batch = todo[first:first + max(batch_size, 1)]
-                logprobs, offset = self._score_batch([rows[i] for i in batch], split).tolist(), 0
+                logprobs, hidden = self._score_batch([rows[i] for i in batch], split, states)
+                logprobs, offset = logprobs.tolist(), 0
                 for i in batch:
                     ids, start = rows[i]
-                    results[i] = (ids[start:], logprobs[offset:offset + len(ids) - start])
+                    span = slice(offset, offset + len(ids) - start)
+                    results[i] = (ids[start:], logprobs[span]) if not states else \
+                        (ids[start:], logprobs[span], tuple(hidden[span].float().mean(dim=0).tolist()))
                     offset += len(ids) - start
         return results
 
-    def _score_batch(self, rows: list[tuple[list[int], int]], split: tuple | None) -> torch.Tensor:
-        """The completion tokens' log-probs of these rows, row after row, in one right-padded forward.
-        Call under the lock."""
+    def _score_batch(self, rows: list[tuple[list[int], int]], split: tuple | None, states: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The completion tokens' log-probs of these rows, row after row, in one right-padded forward, and
+        (with `states`) the last hidden states that predict them. Call under the lock."""
         device = self.model.device
         # the last token predicts nothing that is scored: the inputs stop one short of it
         width = max(len(ids) for ids, _ in rows) - 1
@@ -278,11 +302,13 @@ class ModelBackend(PromptTokenizer):
             hidden = decoder(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
             hidden = hidden[row_of, position]
             return torch.cat([_token_logprobs(logits_of(hidden[i:i + HEAD_CHUNK]), target[i:i + HEAD_CHUNK])
-                              for i in range(0, len(target), HEAD_CHUNK)]).cpu()
+                              for i in range(0, len(target), HEAD_CHUNK)]).cpu(), hidden.cpu() if states else None
         # the whole model, logits kept only at the positions some row scores
         keep = torch.unique(position)
-        logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
-        return _token_logprobs(logits[row_of, torch.searchsorted(keep, position)], target).cpu()
+        output = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=keep,
+                            output_hidden_states=states)
+        logprobs = _token_logprobs(output.logits[row_of, torch.searchsorted(keep, position)], target).cpu()
+        return logprobs, output.hidden_states[-1][row_of, position].cpu() if states else None
 
     def _inner_model(self):
         """The transformers model inside the peft wrapper, if any. peft injects LoRA layers into its

@@ -89,21 +89,27 @@ def generate_kwargs(sampling: SamplingSettings, tokenizer, stop: list[str] | tup
     """The `generate` arguments for sampling with these settings through `NucleusSampler`, padding with
     `tokenizer`'s pad token and stopping at any of `stop`.
 
-    A `recorder` (bot/serving/signals.py) sees the model's raw scores: the repetition penalty then runs
-    as our own processor after it, instead of as one of generate's own (those run before ours)."""
+    A `recorder` (bot/serving/signals.py) sees the model's raw scores: the minimum length and the
+    repetition penalty then run as our own processors after it, instead of as generate's own (those run
+    before ours)."""
     sampler = NucleusSampler(sampling.temperature, sampling.top_p, sampling.top_k)
     penalty = sampling.repetition_penalty
+    minimum = sampling.min_new_tokens
     if recorder is None:
         processors = [sampler]
     else:
-        processors = [recorder, *([RepetitionPenaltyLogitsProcessor(penalty)] if penalty != 1 else []), sampler]
-        penalty = 1.0
+        from bot.serving.signals import EndNotBefore
+
+        ends = recorder.end_ids or frozenset({tokenizer.eos_token_id} - {None})
+        processors = [recorder, *([EndNotBefore(minimum, ends)] if minimum else []),
+                      *([RepetitionPenaltyLogitsProcessor(penalty)] if penalty != 1 else []), sampler]
+        penalty, minimum = 1.0, 0
     kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None,
                   logits_processor=LogitsProcessorList(processors),
                   repetition_penalty=penalty, max_new_tokens=sampling.max_new_tokens,
                   pad_token_id=tokenizer.pad_token_id)
-    if sampling.min_new_tokens:
-        kwargs["min_new_tokens"] = sampling.min_new_tokens
+    if minimum:
+        kwargs["min_new_tokens"] = minimum
     if stop:
         kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
     return kwargs

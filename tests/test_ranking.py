@@ -27,15 +27,11 @@ ALICE = UserRef("test", "alice", "Alice")
 
 # -- the recorder: raw log-probs and last hidden states, read during generate -----------------------------
 
-@pytest.mark.parametrize("min_new_tokens", [
-    0,
-    pytest.param(10, marks=pytest.mark.xfail(strict=True, reason=(
-        "transformers runs its own MinNewTokensLengthLogitsProcessor before the custom processors, so the "
-        "recorder sees eos at -inf while min_new_tokens holds: the recorded log-probs are normalised without "
-        "eos (off by -log(1 - p(eos)), ~0.003 on the tiny model), not the raw distribution"))),
-])
+@pytest.mark.parametrize("min_new_tokens", [0, 10])  # 10: the minimum length must not hide the end token
 def test_the_recorder_keeps_raw_logprobs_and_last_hidden_states(tiny_backend, min_new_tokens):
     model, tokenizer = tiny_backend.model, tiny_backend.tokenizer
+    with torch.no_grad():  # 20x larger logits: a random model's are near uniform, where no penalty shows
+        model.model.norm.weight.mul_(20).add_(19)  # Gemma's norm scales by (1 + weight)
     inputs = tokenizer(["안녕! 오늘 하루", "Hello! How was your day?", "나: 하루:"], return_tensors="pt",
                        padding=True, padding_side="left")
     assert inputs.attention_mask.min() == 0  # rows of different lengths: left padding is part of the test

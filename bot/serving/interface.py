@@ -26,8 +26,8 @@ class Sample:
     """One sampled continuation, already cut at the first stop string.
 
     Asked with `unconditional`, a generator also says what the model thought of it (bot/ranking.py ranks
-    by these); they cover the reply's tokens and the stop that ended it, read from the model's own
-    distribution (before temperature, top-p and repetition penalty):
+    by these); they cover the reply's own tokens (not the stop that ended it), read from the model's own
+    distribution (before temperature, top-p, minimum length and repetition penalty):
     """
 
     text: str

@@ -302,7 +302,7 @@ class LocalGenerator:
         inputs = tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True,
                            add_special_tokens=not backend.use_chat_template).to(backend.model.device)
         s, stop = requests[0].sampling, list(requests[0].stop)
-        recorder = SignalRecorder(backend.model.get_decoder()) \
+        recorder = SignalRecorder(backend.model.get_decoder(), self._end_ids()) \
             if any(r.unconditional is not None for r in requests) else None
         kwargs = generate_kwargs(s, tokenizer, stop, recorder=recorder)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -348,7 +348,7 @@ class LocalGenerator:
         """Each sample with the mean log-prob and mean hidden state over its reply's tokens."""
         logprobs, hidden = recorded
         tokenizer = self.backend.tokenizer
-        end_ids = {tokenizer.pad_token_id, tokenizer.eos_token_id, *self._eos_ids()} - {None}
+        end_ids = self._end_ids() | {tokenizer.pad_token_id} - {None}
         scored = []
         for row, sample in enumerate(samples):
             count = min(reply_tokens(tokenizer, new_tokens[row].tolist(), stop, end_ids), logprobs.shape[1])
@@ -359,9 +359,11 @@ class LocalGenerator:
                                   features=tuple(hidden[row, :count].mean(dim=0).tolist())))
         return scored
 
-    def _eos_ids(self) -> list[int]:
+    def _end_ids(self) -> frozenset[int]:
+        """The model's end-of-text tokens: its generation config's and the tokenizer's."""
         eos = getattr(self.backend.model.generation_config, "eos_token_id", None)
-        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+        return frozenset(ids | {self.backend.tokenizer.eos_token_id} - {None})
 
     def _relevance(self, request: _Request, slot: int, samples: list[Sample]) -> list[float | None]:
         """Per sample: its mean log-prob given the whole prompt minus the same given `request.unconditional`

@@ -26,8 +26,9 @@ class SignalRecorder(LogitsProcessor):
     on the decoder that keeps the last hidden state of every step. It must run before any processor that
     changes the scores (`generate_kwargs(..., recorder=...)` puts it first)."""
 
-    def __init__(self, decoder: torch.nn.Module):
+    def __init__(self, decoder: torch.nn.Module, end_ids: frozenset[int] = frozenset()):
         self.decoder = decoder
+        self.end_ids = end_ids  # the model's end-of-text tokens (for `min_new_tokens`, see EndNotBefore)
         self.logprobs: list[torch.Tensor] = []   # per step: [rows], the log-prob of the token drawn there
         self.hidden: list[torch.Tensor] = []     # per step: [rows, hidden], the state that predicted it
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # the last step's scores and their logsumexp
@@ -62,6 +63,24 @@ class SignalRecorder(LogitsProcessor):
             self._last = None
         steps = len(self.logprobs)
         return torch.stack(self.logprobs, dim=1), torch.stack(self.hidden[-steps:], dim=1)
+
+
+class EndNotBefore(LogitsProcessor):
+    """transformers' minimum length as a processor that can run after the recorder: no end-of-text token
+    among the first `tokens` new tokens (generate's own runs before every custom processor)."""
+
+    def __init__(self, tokens: int, end_ids: frozenset[int]):
+        self.tokens, self.end_ids = tokens, sorted(end_ids)
+        self._start: int | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._start is None:
+            self._start = input_ids.shape[1]
+        if input_ids.shape[1] - self._start >= self.tokens or not self.end_ids:
+            return scores
+        scores = scores.clone()
+        scores[:, self.end_ids] = float("-inf")
+        return scores
 
 
 def reply_tokens(tokenizer, ids: list[int], stop: list[str] | tuple[str, ...], end_ids: set[int]) -> int:
