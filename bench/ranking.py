@@ -20,8 +20,9 @@ among the `--shown` best, against `--shown` chosen at random:
     learned    the per-user ranker, fit after every pick on the picks before it (each pick is ranked
                before it is learned: every pick is held out once), as bot/engine.py does it live
 
-Scenario users are also measured on their never-stored test picks (`Scenario.test`) with the ranker
-learned from all their picks ("held-out set"). Hit rates are printed per stretch of picks, so the
+Scenario users are also measured on their never-stored test picks (`Scenario.test`: new messages, new
+reply templates; the other replies come from their stored picks) with the ranker learned from all
+their picks ("held-out set"). Hit rates are printed per stretch of picks, so the
 learning curve shows.
 """
 
@@ -61,10 +62,12 @@ class Offer:
 
 
 def build_offers(backend: ModelBackend, settings, records: list[dict], personas: PersonaLibrary, size: int,
-                 seed: int = 0) -> list[Offer]:
-    """Each pick record as an offer of `size` replies with their signals."""
+                 others_from: list[dict] | None = None, seed: int = 0) -> list[Offer]:
+    """Each pick record as an offer of `size` replies with their signals; the replies to other messages
+    come from `others_from` (default: the same records)."""
     rng = random.Random(seed)
-    pool = sorted({text for r in records for text in (r["chosen"], *r["rejected"])})
+    others_from = records if others_from is None else others_from
+    pool = sorted({text for r in others_from for text in (r["chosen"], *r["rejected"])})
     offers = []
     started = time.perf_counter()
     for number, record in enumerate(records, 1):
@@ -73,7 +76,7 @@ def build_offers(backend: ModelBackend, settings, records: list[dict], personas:
         prompt = live_prompt(card, turns, settings, backend.count_tokens)
         given = [record["chosen"], *record["rejected"]]
         answered = {m["content"] for m in record["context"]}
-        others = [t for t in pool if t not in given and not any(_same_topic(t, r) for r in records
+        others = [t for t in pool if t not in given and not any(_same_topic(t, r) for r in others_from
                                                                 if r["context"][-1]["content"] in answered)]
         texts = [*given, *rng.sample(others, min(max(size - len(given), 0), len(others)))]
         scored = backend.reply_signals(prompt.text, prompt.unconditional, [f" {t}" for t in texts])
@@ -148,7 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", default="fact,style", help="scenario users to measure ('' for none)")
     parser.add_argument("--picks", help="a pick records file (JSON lines) to measure too")
-    parser.add_argument("--picks-per-user", type=int, default=60, help="scenario picks per user")
+    parser.add_argument("--picks-per-user", type=int, default=90, help="scenario picks per user")
     parser.add_argument("--samples", type=int, default=8, help="replies per offer (N)")
     parser.add_argument("--shown", type=int, default=3, help="replies shown (K)")
     args = parser.parse_args()
@@ -166,9 +169,13 @@ def main() -> None:
             offers = build_offers(backend, settings, records, personas, args.samples)
             hits = evaluate(offers, cfg, args.shown)
             report(f"{key} ({len(offers)} picks, each ranked before it is learned)", hits, stretches_of(len(offers)))
+            plain = [i for i, r in enumerate(records) if not scenario.carries(r["chosen"])]
+            if plain:  # picks of the reply that answers the message, among replies to other messages
+                print(f"  of which {len(plain)} picks without the trait (the reply that answers the message): "
+                      + ", ".join(f"{m} {statistics.mean(hits[m][i] for i in plain):.2f}" for m in METHODS))
             test = [{"user": f"bench:{key}", "persona": "scripted", "context": [{"role": "user", "content": m}],
                      "chosen": c, "rejected": [r]} for m, c, r in scenario.test]
-            test_offers = build_offers(backend, settings, test, personas, args.samples)
+            test_offers = build_offers(backend, settings, test, personas, args.samples, others_from=records)
             weights = ranking.fit([pick_features(o, cfg) for o in offers][-cfg.history_picks:], None, cfg)
             rates = held_out(test_offers, weights, cfg, args.shown)
             print(f"  held-out set ({len(test_offers)} never-stored picks): "

@@ -12,8 +12,11 @@ projected by a fixed random matrix). Its score is `weights · features`.
 With no picks the weights are the prior: `logprob_weight`, `relevance_weight` and zero on the state.
 Each pick says "the chosen reply scores above each shown sibling" (a Bradley-Terry pair; never-shown
 replies were not judged and are left out); `fit` finds the weights that say so for the user's last
-`history_picks` picks, pulled towards the prior (L2, `l2`), by Newton's method on a few dozen numbers:
-a millisecond after each pick, so the next offer already reflects it.
+`history_picks` picks, the two signal weights held near the prior (`l2`) and the state weights near
+zero (`state_l2`), by Newton's method on a few dozen numbers: a millisecond after each pick, so the
+next offer already reflects it. The two pulls were chosen on bench/ranking.py: a weak pull on the
+signals let a user's taste (a name the model finds unlikely) undo the relevance that keeps replies on
+topic; a weak pull on the state overfit.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ class Scored:
 @functools.lru_cache(maxsize=8)
 def projection(hidden_size: int, dims: int) -> np.ndarray:
     """The fixed [hidden_size, dims] random matrix that shortens hidden states (the same in every process:
-    numpy's PCG64 stream for a seed does not change between versions)."""
-    return np.random.default_rng(hidden_size * 1009 + dims).standard_normal((hidden_size, dims)) / math.sqrt(dims)
+    numpy's PCG64 stream for a seed does not change between versions). Standard normal entries: a unit
+    state comes out with coordinates of about one, the size of the two signals' differences."""
+    return np.random.default_rng(hidden_size * 1009 + dims).standard_normal((hidden_size, dims))
 
 
 def project_state(hidden: tuple[float, ...], dims: int) -> np.ndarray | None:
@@ -120,22 +124,24 @@ def pick_features(history: list[dict], cfg: RankingSettings) -> list[PickFeature
 def fit(history: list[PickFeatures], previous: list[float] | None, cfg: RankingSettings) -> list[float]:
     """Weights under which each chosen reply outscores its shown siblings, pulled towards the prior.
 
-    Minimises sum(log(1 + exp(-w·(chosen - rejected)))) + l2/2 * |w - prior|^2 over every pair, starting
-    from `previous` (the weights before this pick). Strictly convex, so a few Newton steps settle it.
+    Minimises sum(log(1 + exp(-w·(chosen - rejected)))) + sum(l2_i/2 * (w_i - prior_i)^2) over every pair,
+    with `l2` on the two signals and `state_l2` on the state, starting from `previous` (the weights
+    before this pick). Strictly convex, so a few Newton steps settle it.
     """
     w0 = prior(cfg)
+    pull = np.full(len(w0), cfg.state_l2)
+    pull[:SIGNALS] = cfg.l2
     diffs = [pick.chosen - r for pick in history for r in pick.rejected
              if len(pick.chosen) == len(w0) and len(r) == len(w0)]
     if not diffs:
         return w0.tolist()
     d = np.stack(diffs)
     w = usable(previous, cfg).copy()
-    eye = np.eye(len(w))
     for _ in range(NEWTON_STEPS):
         margin = d @ w
         p = 1 / (1 + np.exp(np.clip(margin, -50, 50)))          # how far each pair is from being won
-        gradient = -(d * p[:, None]).sum(axis=0) + cfg.l2 * (w - w0)
-        hessian = (d * (p * (1 - p))[:, None]).T @ d + cfg.l2 * eye
+        gradient = -(d * p[:, None]).sum(axis=0) + pull * (w - w0)
+        hessian = (d * (p * (1 - p))[:, None]).T @ d + np.diag(pull)
         step = np.linalg.solve(hessian, gradient)
         w -= step
         if np.abs(step).max() < 1e-6:

@@ -152,11 +152,12 @@ def synthetic_picks(rng, count: int, cfg: RankingSettings, dim: int) -> list[ran
 def loss_gradient(w, picks, cfg):
     d = np.stack([p.chosen - r for p in picks for r in p.rejected])
     p = 1 / (1 + np.exp(d @ w))
-    return -(d * p[:, None]).sum(axis=0) + cfg.l2 * (w - ranking.prior(cfg))
+    pull = np.array([cfg.l2] * ranking.SIGNALS + [cfg.state_l2] * cfg.state_dims)
+    return -(d * p[:, None]).sum(axis=0) + pull * (w - ranking.prior(cfg))
 
 
 def test_fit_learns_which_state_dimension_the_user_prefers():
-    cfg = RankingSettings(state_dims=6, l2=0.5)
+    cfg = RankingSettings(state_dims=6, l2=0.5, state_l2=0.5)
     dim = ranking.SIGNALS + 3
     rng = np.random.default_rng(7)
     picks = synthetic_picks(rng, 10, cfg, dim)
@@ -177,7 +178,7 @@ def test_fit_learns_which_state_dimension_the_user_prefers():
     assert wins >= 45
 
 
-def test_fit_without_history_is_the_prior_and_l2_pulls_towards_it():
+def test_fit_without_history_is_the_prior_and_the_pulls_hold_it():
     cfg = RankingSettings(state_dims=4, logprob_weight=1.0, relevance_weight=0.5)
     prior = ranking.prior(cfg)
     assert prior.tolist() == [1.0, 0.5, 0.0, 0.0, 0.0, 0.0]
@@ -188,11 +189,16 @@ def test_fit_without_history_is_the_prior_and_l2_pulls_towards_it():
     assert ranking.usable([1.0, 2.0], cfg).tolist() == prior.tolist()
     assert ranking.usable([float("nan")] * 6, cfg).tolist() == prior.tolist()
 
-    picks = synthetic_picks(np.random.default_rng(1), 10, cfg, ranking.SIGNALS)
-    distances = [np.linalg.norm(np.asarray(ranking.fit(picks, None, cfg.model_copy(update={"l2": l2}))) - prior)
-                 for l2 in (0.1, 1.0, 10.0, 100.0)]
+    picks = synthetic_picks(np.random.default_rng(1), 10, cfg, 0)  # they prefer a higher log-prob still
+    distances = [np.linalg.norm((np.asarray(ranking.fit(picks, None, cfg.model_copy(update={"l2": l2}))) - prior)
+                                [:ranking.SIGNALS]) for l2 in (0.1, 1.0, 10.0, 100.0)]
     assert all(a > b for a, b in zip(distances, distances[1:])), distances
     assert distances[-1] < distances[0] / 5
+    # the state's own pull: a stronger one keeps the state weights nearer zero, the signals' pull aside
+    picks = synthetic_picks(np.random.default_rng(1), 10, cfg, ranking.SIGNALS)  # they prefer a state direction
+    state = [np.abs(np.asarray(ranking.fit(picks, None, cfg.model_copy(update={"state_l2": l2})))[ranking.SIGNALS:]).max()
+             for l2 in (0.1, 1.0, 10.0)]
+    assert state[0] > state[1] > state[2], state
 
 
 def test_score_samples_ranks_by_the_weights_and_keeps_unscored_replies_last():
@@ -212,9 +218,9 @@ def test_score_samples_ranks_by_the_weights_and_keeps_unscored_replies_last():
             x = ranking.features(item.sample.logprob, item.sample.relevance, item.state, cfg.state_dims)
             assert item.score == round(float(used @ x), 4)
         assert [s.score for s in scored[:-1]] == sorted((s.score for s in scored[:-1]), reverse=True)
-    # the prior weighs log-prob and relevance alone (1 and 1 by default), never the state
+    # the prior weighs log-prob and relevance alone (1 and 2 by default), never the state
     by_prior = [s.text for s in ranking.score_samples(replies, None, cfg)][:-1]
-    assert by_prior == sorted(by_prior, key=lambda t: -(replies[t].logprob + replies[t].relevance))
+    assert by_prior == sorted(by_prior, key=lambda t: -(replies[t].logprob + 2 * replies[t].relevance))
 
 
 # -- the engine: every sample stored, the best offered, the ranker learned after each pick ----------------
