@@ -66,12 +66,16 @@ class RankingSettings(_Section):
     logprob_weight: float = Field(1.0, description="prior weight of a reply's mean token log-probability")
     relevance_weight: float = Field(2.0, description="prior weight of its relevance: log-prob given the "
                                     "conversation minus given the persona alone (replies that ignore the message)")
+    continue_best: int = Field(3, ge=0, le=16, description="after a reply's opening (8 tokens), only this many "
+                               "unfinished replies, the best by their opening, are sampled to their end (most of "
+                               "the cost of N replies is in the long ones; bench/candidates.py); 0: every reply to "
+                               "its end")
     learn: bool = Field(True, description="learn each user's ranking from their picks, after every pick")
     state_dims: int = Field(64, ge=0, le=512, description="numbers kept of a reply's hidden state for the "
                             "per-user ranker (a fixed projection); 0: rank by the two signals alone")
     l2: float = Field(10.0, gt=0, description="pull of the learned log-prob and relevance weights towards the "
                       "prior (higher: they change more slowly)")
-    state_l2: float = Field(0.3, gt=0, description="pull of the learned hidden-state weights towards zero")
+    state_l2: float = Field(1.0, gt=0, description="pull of the learned hidden-state weights towards zero")
     history_picks: int = Field(200, ge=1, description="the user's most recent picks the ranker is fit on")
     shuffle_shown: bool = Field(True, description="show the best candidates in random order, so the number a "
                                 "reply gets says nothing about its rank (picks of button 1 out of habit teach nothing)")

@@ -33,7 +33,8 @@ from bot.config import Settings
 from bot.generations import ADAPTER_ERROR, adapter_name, forget_generations, lineage_of, served_lineage
 from bot.messages import LANGUAGES
 from bot.prompt import Prompt, Turn, build_prompt, clean_reply, shorten
-from bot.serving import AdapterError, AdapterRef, Generator, Sample
+from bot.serving import AdapterError, AdapterRef, Generator, Pruning, Sample
+from bot.serving.interface import OPENING
 from bot.store import Store
 from bot.tokenizer import PromptTokenizer
 from persona import PersonaCard, PersonaError, PersonaLibrary
@@ -415,7 +416,7 @@ class DialogueEngine:
             raise EngineError("no_reply")
         ranked = ranking.score_samples(replies, self._ranker_weights(user), self.settings.ranking) \
             if self.settings.ranking.enabled else [ranking.Scored(t, s, None, None) for t, s in replies.items()]
-        shown = ranked[:wanted]
+        shown = [item for item in ranked if not item.sample.pruned][:wanted]  # a pruned reply is unfinished
         if self.settings.ranking.shuffle_shown:
             random.shuffle(shown)  # the number a reply gets says nothing about its rank
         if len(shown) < wanted:
@@ -429,8 +430,9 @@ class DialogueEngine:
             candidates=[{"text": item.text, "new_tokens": item.sample.new_tokens, "hit_stop": item.sample.hit_stop,
                          "shown": item in shown, "ranked": rank_of[id(item)] if item.score is not None else None,
                          "score": item.score, "logprob": item.sample.logprob, "relevance": item.sample.relevance,
-                         "state": item.state.tobytes() if item.state is not None else None}
-                        for item in shown + ranked[wanted:]],
+                         "state": item.state.tobytes() if item.state is not None else None,
+                         "pruned": item.sample.pruned}
+                        for item in shown + [item for item in ranked if item not in shown]],
         )
         texts = [item.text for item in shown]
         auto = len(texts) == 1
@@ -505,15 +507,22 @@ class DialogueEngine:
         """
         adapter = self._serving_adapter(user)
         offered = self.settings.sampling.candidates
-        ranked = self.settings.ranking.enabled and getattr(self.generator, "signals", False)
+        cfg = self.settings.ranking
+        ranked = cfg.enabled and getattr(self.generator, "signals", False)
         wanted = max(self.settings.sampling.samples, offered) if ranked else offered
         unconditional = (prompt.unconditional or None) if ranked else None
+        pruning = None
+        if ranked and cfg.continue_best:
+            weights = self._ranker_weights(user)
+            pruning = Pruning(OPENING, max(cfg.continue_best, offered),
+                              lambda samples: ranking.scores(samples, weights, cfg))
         kept: dict[str, Sample] = {}
         for _ in range(MAX_SAMPLING_ROUNDS):
             missing = wanted - len(kept)
             try:
                 samples = await self.generator.sample(prompt.text, missing, self.settings.sampling, prompt.stop,
-                                                      adapter, prompt.prefix, unconditional=unconditional)
+                                                      adapter, prompt.prefix, unconditional=unconditional,
+                                                      pruning=pruning)
             except AdapterError as exc:
                 self._broken.add(adapter.name)
                 self.store.set_flag(ADAPTER_ERROR + adapter.name, str(exc)[:500])
@@ -527,9 +536,12 @@ class DialogueEngine:
                 raise EngineError("model_error") from None
             for s in samples:
                 text = clean_reply(s.text, card)
-                if text and text not in kept and len(kept) < wanted:
+                if text in kept and kept[text].pruned and not s.pruned:  # the whole reply over its opening
                     kept[text] = s
-            if len(kept) >= offered:
+                elif text and text not in kept and len(kept) < wanted:
+                    kept[text] = s
+            complete = sum(not s.pruned for s in kept.values())
+            if complete >= offered:
                 break
-            wanted = offered  # refills: only what the offer lacks
+            wanted = len(kept) + offered - complete  # refills: only what the offer lacks
         return kept, adapter

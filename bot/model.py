@@ -33,6 +33,7 @@ from bot.config import EMBEDDED_MODEL, ModelSettings, SamplingSettings  # noqa: 
 from bot.sampling import generate_kwargs  # noqa: E402
 from bot.prompt import defuse  # noqa: E402
 from bot.serving.interface import Sample  # noqa: E402
+from bot.serving.interface import OPENING  # noqa: E402
 from bot.tokenizer import PromptTokenizer, generation_label, load_tokenizer  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -231,8 +232,8 @@ class ModelBackend(PromptTokenizer):
                       ) -> list[Sample]:
         """Replies given as text (imported picks, benchmarks) with the signals the serving path reads while
         sampling (bot/serving/signals.py), by teacher forcing: mean log-prob of the reply's tokens after
-        `prompt`, that minus the mean after `unconditional`, and the mean last hidden state that predicted
-        them. Give replies as the model writes them (in a transcript, after a space)."""
+        `prompt`, the same over its opening minus the same after `unconditional`, and the mean last
+        hidden state that predicted them. Give replies as the model writes them (in a transcript, after a space)."""
         conditional = self.token_logprobs([(prompt, reply) for reply in replies], adapter, states=True)
         alone = self.token_logprobs([(unconditional, reply) for reply in replies], adapter)
         samples = []
@@ -241,7 +242,9 @@ class ModelBackend(PromptTokenizer):
                 samples.append(Sample(reply, 0, True))
                 continue
             mean = sum(logprobs) / len(logprobs)
-            relevance = mean - sum(alone_logprobs) / len(alone_logprobs) if alone_logprobs else None
+            opening, alone_opening = logprobs[:OPENING], alone_logprobs[:OPENING]
+            relevance = sum(opening) / len(opening) - sum(alone_opening) / len(alone_opening) \
+                if alone_opening else None
             samples.append(Sample(reply, len(ids), True, logprob=round(mean, 4),
                                   relevance=None if relevance is None else round(relevance, 4), features=state))
         return samples

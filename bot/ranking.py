@@ -99,6 +99,16 @@ def score_samples(replies: dict[str, Sample], weights: list[float] | None, cfg: 
     return sorted(scored, key=lambda s: (s.score is None, -(s.score or 0.0)))
 
 
+def scores(samples: list[Sample], weights: list[float] | None, cfg: RankingSettings) -> list[float | None]:
+    """Each sample's score by `weights` (None: the prior), in order; None for a sample without signals."""
+    w = usable(weights, cfg)
+    out = []
+    for sample in samples:
+        x = features(sample.logprob, sample.relevance, project_state(sample.features, cfg.state_dims), cfg.state_dims)
+        out.append(None if x is None else float(w @ x))
+    return out
+
+
 @dataclass
 class PickFeatures:
     """One past pick as the ranker learns from it: the chosen reply's features and each shown sibling's."""

@@ -177,8 +177,8 @@ MIGRATIONS: list[str] = [
     ALTER TABLE rollover_runs ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;
     """,
     # 7: best-of-N offers: every sampled candidate is kept with the scorer's signals and its rank, and
-    #    says whether it was shown (shown ones are numbered idx 0..K-1 as offered, the rest follow);
-    #    each user's ranker weights, learned from their picks
+    #    says whether it was shown (shown ones are numbered idx 0..K-1 as offered, the rest follow) or
+    #    pruned (dropped after its opening: a partial reply); each user's ranker weights
     """
     ALTER TABLE candidates ADD COLUMN shown INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE candidates ADD COLUMN ranked INTEGER;
@@ -186,6 +186,7 @@ MIGRATIONS: list[str] = [
     ALTER TABLE candidates ADD COLUMN logprob REAL;
     ALTER TABLE candidates ADD COLUMN relevance REAL;
     ALTER TABLE candidates ADD COLUMN state BLOB;
+    ALTER TABLE candidates ADD COLUMN pruned INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE rankers (
         user_id TEXT PRIMARY KEY REFERENCES users(id),
         weights_json TEXT NOT NULL,
@@ -339,7 +340,7 @@ class Store:
                           generation: str, sampling: dict, candidates: list[dict],
                           created_at: str | None = None) -> str:
         """Store a set and its candidates (dicts with text, new_tokens, hit_stop, and optionally shown,
-        ranked, score, logprob, relevance, state); returns the set id. Shown candidates come first, in
+        ranked, score, logprob, relevance, state, pruned); returns the set id. Shown candidates come first, in
         the order they are offered.
 
         `created_at` is for imported picks (see bot/picks_import.py); live sets are stamped now.
@@ -360,12 +361,13 @@ class Store:
                 "sampling_json": sampling_json, "new_tokens": c["new_tokens"], "hit_stop": int(c["hit_stop"]),
                 "shown": int(c.get("shown", True)), "ranked": c.get("ranked"), "score": c.get("score"),
                 "logprob": c.get("logprob"), "relevance": c.get("relevance"), "state": c.get("state"),
+                "pruned": int(c.get("pruned", False)),
             } for idx, c in enumerate(candidates))
         return set_id
 
     def candidate_set(self, set_id: str) -> dict | None:
         """The set with `candidates` (those offered, in their numbered order) and `unshown` (sampled, ranked
-        lower, never offered)."""
+        lower, never offered; `pruned` ones are partial replies dropped after their opening)."""
         row = self._one("SELECT * FROM candidate_sets WHERE id = ?", set_id)
         if row is not None:
             every = list(self.db.query("SELECT * FROM candidates WHERE set_id = ? ORDER BY idx", [set_id]))
@@ -464,7 +466,8 @@ class Store:
                 pick = self.pick_of(row["id"])
                 sets.append({"id": offer["id"], "created_at": offer["created_at"], "status": offer["status"],
                              "generation": offer["generation"], "candidates": [c["text"] for c in offer["candidates"]],
-                             "not_shown": [c["text"] for c in offer["unshown"]],
+                             "not_shown": [c["text"] for c in offer["unshown"] if not c["pruned"]],
+                             "pruned": [c["text"] for c in offer["unshown"] if c["pruned"]],
                              "picked": pick["idx"] if pick else None})
             turns = [{"role": t["role"], "text": t["text"], "source": t["source"], "at": t["created_at"]}
                      for t in self.turns(conversation["id"])]
@@ -577,7 +580,8 @@ class Store:
     def preference_records(self, user_id: str | None = None, after_pick_id: int = 0,
                            pick_ids: list[int] | None = None) -> Iterator[dict]:
         """One record per real pick: the prompt exactly as the model saw it, the chosen text, the rejected
-        siblings (shown beside it and not picked) and the unshown ones (sampled, ranked lower, never offered).
+        siblings (shown beside it and not picked) and the unshown ones (sampled whole, ranked lower, never
+        offered; partial replies pruned after their opening are left out).
 
         Automatic picks (a set with a single distinct candidate) and users who opted out of learning are left out.
         `pick_ids` reads only those picks (a night's sample), whatever the history's length.
@@ -593,15 +597,15 @@ class Store:
             sql += " AND p.id IN (SELECT value FROM json_each(?))"
             params.append(json.dumps(sorted(pick_ids)))
         for row in self.db.query(sql + " ORDER BY p.id", params):
-            candidates = list(self.db.query("SELECT id, text, shown FROM candidates WHERE set_id = ? ORDER BY idx",
-                                            [row["set_id"]]))
+            candidates = list(self.db.query("SELECT id, text, shown, pruned FROM candidates WHERE set_id = ? "
+                                            "ORDER BY idx", [row["set_id"]]))
             yield {
                 "pick_id": row["pick_id"], "set_id": row["set_id"], "user_id": row["user_id"], "prompt": row["prompt"],
                 "context": json.loads(row["context_json"]), "generation": row["generation"],
                 "sampling": json.loads(row["sampling_json"]), "picked_at": row["created_at"],
                 "chosen": next(c["text"] for c in candidates if c["id"] == row["candidate_id"]),
                 "rejected": [c["text"] for c in candidates if c["id"] != row["candidate_id"] and c["shown"]],
-                "unshown": [c["text"] for c in candidates if not c["shown"]],  # never judged: not rejected
+                "unshown": [c["text"] for c in candidates if not c["shown"] and not c["pruned"]],  # never judged
             }
 
     def pick_ids(self, user_id: str | None = None) -> list[int]:

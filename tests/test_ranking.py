@@ -18,7 +18,8 @@ from bot.config import RankingSettings, SamplingSettings, ServingSettings
 from bot.engine import UserRef
 from bot.prompt import Turn, build_prompt
 from bot.sampling import generate_kwargs
-from bot.serving import LocalGenerator, Sample
+from bot.serving import LocalGenerator, Pruning, Sample
+from bot.serving.interface import OPENING
 from bot.serving.signals import SignalRecorder, reply_tokens
 from persona import PersonaLibrary
 
@@ -110,7 +111,8 @@ async def test_the_generator_scores_relevance_against_the_persona_alone(settings
     assert prompt.prefix and prompt.text.startswith(prompt.prefix) and prompt.unconditional.startswith(prompt.prefix)
     generator = LocalGenerator(tiny_backend, ServingSettings(batch_window_ms=0))
     try:
-        sampling = SamplingSettings(max_new_tokens=12)
+        sampling = SamplingSettings(max_new_tokens=OPENING)  # each reply is its own opening: relevance is then
+        # logprob minus the mean given the persona alone
         samples = await generator.sample(prompt.text, 5, sampling, prompt.stop, None, prefix=prompt.prefix,
                                          unconditional=prompt.unconditional)
         assert len(samples) == 5
@@ -125,7 +127,7 @@ async def test_the_generator_scores_relevance_against_the_persona_alone(settings
             assert sample.logprob < 0
             assert len(sample.features) == tiny_backend.model.config.hidden_size
             assert all(np.isfinite(sample.features))
-            assert sample.logprob - sample.relevance == pytest.approx(float(np.mean(logprobs)), abs=5e-4)
+            assert sample.logprob - sample.relevance == pytest.approx(float(np.mean(logprobs[:OPENING])), abs=5e-4)
         assert len({s.relevance for s in scored}) > 1
 
         without = await generator.sample(prompt.text, 3, sampling, prompt.stop, None, prefix=prompt.prefix)
@@ -133,6 +135,39 @@ async def test_the_generator_scores_relevance_against_the_persona_alone(settings
         assert all(s.logprob is None and s.relevance is None and s.features == () for s in without)
     finally:
         generator.close()
+
+
+async def test_early_rejection_continues_the_best_rows_exactly_and_marks_the_rest_pruned(settings, tiny_backend):
+    """Best-of-N with pruning: after the opening, only `keep` rows go on. Greedy sampling makes every row the
+    same reply, so each continued row must be exactly the reply (text and signals) of one uninterrupted run."""
+    prompt = haru_prompt(settings, tiny_backend)
+    generator = LocalGenerator(tiny_backend, ServingSettings(batch_window_ms=0))
+    greedy = SamplingSettings(top_k=1, max_new_tokens=2 * OPENING + 5, min_new_tokens=2 * OPENING + 5)
+    rated: list[list[Sample]] = []
+
+    def rate(samples: list[Sample]) -> list[float]:
+        rated.append(samples)
+        return [float(i) for i in range(len(samples))]  # later rows rate higher: the last `keep` go on
+
+    try:
+        whole = await generator.sample(prompt.text, 2, greedy, [], None, prompt.prefix, prompt.unconditional)
+        cut = await generator.sample(prompt.text, 6, greedy, [], None, prompt.prefix, prompt.unconditional,
+                                     pruning=Pruning(OPENING, 2, rate))
+    finally:
+        generator.close()
+    assert whole[0].text == whole[1].text and whole[0].new_tokens == 2 * OPENING + 5 and not whole[0].pruned
+    # the scorer saw the six openings with their signals, relevance included
+    assert len(rated) == 1 and len(rated[0]) == 6
+    assert all(s.new_tokens == OPENING and s.logprob is not None and s.relevance is not None for s in rated[0])
+    assert [s.pruned for s in cut] == [True] * 4 + [False] * 2
+    for kept in cut[4:]:  # continued from the cache, recorder and mask of the first call: the same reply
+        assert kept.text == whole[0].text and kept.new_tokens == whole[0].new_tokens
+        assert kept.logprob == pytest.approx(whole[0].logprob, abs=1e-3)
+        assert kept.relevance == pytest.approx(whole[0].relevance, abs=1e-3)
+        assert np.allclose(kept.features, whole[0].features, atol=1e-3)
+    for dropped in cut[:4]:  # partial replies: their opening, with its signals
+        assert dropped.new_tokens == OPENING and whole[0].text.startswith(dropped.text)
+        assert dropped.logprob is not None
 
 
 # -- the ranker -------------------------------------------------------------------------------------------
@@ -247,6 +282,7 @@ async def offer_with_siblings(engine, text: str, user=ALICE):
 def ranked_settings(settings):
     settings.sampling.samples = 8
     settings.sampling.candidates = 3
+    settings.ranking.continue_best = 0  # every sample whole (pruning: its own test below)
     return settings
 
 
@@ -348,3 +384,24 @@ async def test_without_ranking_only_the_offered_number_is_sampled_and_nothing_is
     await engine.on_pick(ALICE, offer.id, 0)
     assert store.ranker(ALICE.id) is None
     assert list(store.preference_records(ALICE.id))[0]["unshown"] == []
+
+
+async def test_offers_prune_after_the_opening_and_never_show_a_partial_reply(engine, store, ranked_settings):
+    ranked_settings.sampling.max_new_tokens = 2 * OPENING
+    ranked_settings.ranking.continue_best = 4
+    offer = await offer_with_siblings(engine, "배고파. 저녁 뭐 먹지?")
+    row = store.candidate_set(offer.id)
+    shown, unshown = row["candidates"], row["unshown"]
+    assert [c["text"] for c in shown] == offer.texts and not any(c["pruned"] for c in shown)
+    pruned = [c for c in unshown if c["pruned"]]
+    whole = [c for c in shown + unshown if not c["pruned"]]
+    assert pruned, "a random model rarely ends a reply within its opening: some rows were dropped"
+    assert len(whole) <= 4 + sum(c["new_tokens"] < OPENING for c in whole)  # 4 went on, besides early ends
+    assert all(c["new_tokens"] == OPENING and not c["hit_stop"] for c in pruned)
+    assert all(c["logprob"] is not None and c["score"] is not None for c in pruned)
+    await engine.on_pick(ALICE, offer.id, 0)
+    [record] = list(store.preference_records(ALICE.id))
+    assert not set(record["unshown"]) & {c["text"] for c in pruned}  # partial replies are no one's choice
+    export = store.export_user(ALICE.id)
+    [exported] = [s for c in export["conversations"] for s in c["candidate_sets"] if s["id"] == offer.id]
+    assert exported["pruned"] == [c["text"] for c in pruned]

@@ -5,11 +5,12 @@
 
 One concern per module:
 
-    interface.py   Sample, AdapterRef, AdapterError and the Generator protocol every generator follows
+    interface.py   Sample, AdapterRef, AdapterError, Pruning and the Generator protocol every generator follows
     registry.py    which adapters are resident, held by requests, superseded or forgotten (both generators)
     multi_lora.py  linear layers that add each batch row's own LoRA update; reading peft adapter folders
     slots.py       the local worker's adapter slots, on top of the registry
     kv_cache.py    prompt-prefix KV caches and left-padded batch caches
+    signals.py     what the model thought of its samples, read while sampling (for bot/ranking.py)
     local.py       LocalGenerator: the model on one worker thread, mixed batches across users
     vllm.py        VllmGenerator: replies sampled by a vLLM server, adapters loaded at runtime
 
@@ -19,9 +20,10 @@ brings torch and the model code, the vLLM client needs neither).
 
 import importlib
 
-from bot.serving.interface import AdapterError, AdapterRef, Generator, Sample
+from bot.serving.interface import AdapterError, AdapterRef, Generator, Pruning, Sample
 
-__all__ = ["AdapterError", "AdapterRef", "Generator", "LocalGenerator", "Sample", "VllmError", "VllmGenerator"]
+__all__ = ["AdapterError", "AdapterRef", "Generator", "LocalGenerator", "Pruning", "Sample", "VllmError",
+           "VllmGenerator"]
 
 _IMPORTED_ON_USE = {"LocalGenerator": "bot.serving.local", "VllmGenerator": "bot.serving.vllm",
                     "VllmError": "bot.serving.vllm"}

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from bot.config import SamplingSettings
 from bot.generations import parse_adapter_name
+
+
+OPENING = 8  # relevance is read on a reply's first tokens (bot/serving/signals.py), and pruning (`Pruning`)
+# rates replies there: a reply's opening says whether it answers what was said
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,21 @@ class Sample:
     new_tokens: int
     hit_stop: bool
     logprob: float | None = None        # mean log-probability per token, given the whole prompt
-    relevance: float | None = None      # `logprob` minus the same mean given the persona alone (no conversation)
+    relevance: float | None = None      # over the reply's opening (its first OPENING tokens):
+    # the mean log-prob given the whole prompt minus the same given the persona alone (no conversation)
     features: tuple[float, ...] = ()    # the model's mean last hidden state over those tokens (local generator)
+    pruned: bool = False                # dropped after its opening (`Pruning`): a partial reply, never offered
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """Best-of-N with early rejection: after `after` new tokens, only the `keep` best unfinished replies of
+    a request go on to their end; `score` rates the partial replies (with their signals, higher is better).
+    Most of N's cost is in the rows that run long, so the N rows cost about `keep` rows' time after that."""
+
+    after: int
+    keep: int
+    score: Callable[[list[Sample]], list[float | None]]
 
 
 @dataclass(frozen=True)
@@ -66,8 +83,8 @@ class Generator(Protocol):
     signals: bool  # whether samples asked with `unconditional` carry logprob, relevance (and features)
 
     async def sample(self, prompt: str, n: int, sampling: SamplingSettings, stop: list[str],
-                     adapter: AdapterRef | None, prefix: str = "", unconditional: str | None = None
-                     ) -> list[Sample]: ...
+                     adapter: AdapterRef | None, prefix: str = "", unconditional: str | None = None,
+                     pruning: Pruning | None = None) -> list[Sample]: ...
 
     def stats(self) -> dict: ...
 

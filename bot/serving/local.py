@@ -25,7 +25,7 @@ import torch
 from bot.config import ModelSettings, SamplingSettings, ServingSettings
 from bot.model import ModelBackend, completion_start
 from bot.sampling import generate_kwargs
-from bot.serving.interface import AdapterError, AdapterRef, Sample
+from bot.serving.interface import OPENING, AdapterError, AdapterRef, Pruning, Sample
 from bot.serving.kv_cache import PrefixCache, left_padded_batch
 from bot.serving.multi_lora import install_multi_lora
 from bot.serving.signals import SignalRecorder, reply_tokens
@@ -44,12 +44,13 @@ class _Request:
     future: Future
     prefix: str = ""
     unconditional: str | None = None  # given: score the samples (bot/serving/signals.py)
+    pruning: Pruning | None = None
     key: tuple = ()
 
     def __post_init__(self) -> None:
         s = self.sampling
         self.key = (s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.max_new_tokens, s.min_new_tokens,
-                    self.stop)
+                    self.stop, self.pruning.after if self.pruning else 0)
 
 
 class LocalGenerator:
@@ -96,13 +97,18 @@ class LocalGenerator:
                                   self.serving.merged_adapters)
 
     async def sample(self, prompt: str, n: int, sampling: SamplingSettings, stop: list[str],
-                     adapter: AdapterRef | None, prefix: str = "", unconditional: str | None = None) -> list[Sample]:
-        return await asyncio.wrap_future(self.submit(prompt, n, sampling, stop, adapter, prefix, unconditional))
+                     adapter: AdapterRef | None, prefix: str = "", unconditional: str | None = None,
+                     pruning: Pruning | None = None) -> list[Sample]:
+        return await asyncio.wrap_future(self.submit(prompt, n, sampling, stop, adapter, prefix, unconditional,
+                                                     pruning))
 
     def submit(self, prompt: str, n: int, sampling: SamplingSettings, stop: list[str],
-               adapter: AdapterRef | None, prefix: str = "", unconditional: str | None = None) -> Future:
-        """Queue a request from any thread; the future holds its samples (or the error)."""
-        request = _Request(prompt, n, sampling, tuple(stop), adapter, Future(), prefix, unconditional)
+               adapter: AdapterRef | None, prefix: str = "", unconditional: str | None = None,
+               pruning: Pruning | None = None) -> Future:
+        """Queue a request from any thread; the future holds its samples (or the error). `pruning` needs
+        `unconditional` (it rates replies by their signals)."""
+        request = _Request(prompt, n, sampling, tuple(stop), adapter, Future(), prefix, unconditional,
+                           pruning if unconditional is not None else None)
         self._put(self._queue, request)
         return request.future
 
@@ -302,62 +308,130 @@ class LocalGenerator:
         inputs = tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True,
                            add_special_tokens=not backend.use_chat_template).to(backend.model.device)
         s, stop = requests[0].sampling, list(requests[0].stop)
-        recorder = SignalRecorder(backend.model.get_decoder(), self._end_ids()) \
-            if any(r.unconditional is not None for r in requests) else None
-        kwargs = generate_kwargs(s, tokenizer, stop, recorder=recorder)
+        scoring = any(r.unconditional is not None for r in requests)
+        after = requests[0].pruning.after if requests[0].pruning else 0  # the same in a batch (`_Request.key`)
+        first = s if not 0 < after < s.max_new_tokens else s.model_copy(
+            update={"max_new_tokens": after, "min_new_tokens": min(s.min_new_tokens, after)})
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         rows = torch.tensor([i for i, r in enumerate(requests) for _ in range(r.n)], device=ids.device)
-        relevance: dict[int, list[float | None]] = {}
+        request_of = rows.tolist()
         with backend.lock:
             try:
                 if backend._generator_seed is not None:
                     torch.manual_seed(backend._generator_seed)
                 # The prompt is prefilled once per request, not once per candidate: the cache is then
                 # copied to each of the request's rows and generate goes on from the last prompt token.
+                cache = None
                 if ids.shape[1] > 1:
                     cache = self._prefill(requests, request_slots, ids, mask)
                     cache.batch_select_indices(rows)
-                    kwargs["cache"] = cache
-                self._route(row_slots)
-                with recorder.watching() if recorder else contextlib.nullcontext():
-                    output = backend.model.generate(input_ids=ids[rows], attention_mask=mask[rows], **kwargs)
-                new_tokens = output[:, ids.shape[1]:]
-                samples = [backend.decode_sample(row, stop) for row in new_tokens]
-                if recorder is not None:
-                    samples = self._with_signals(samples, new_tokens, recorder.finish(output[:, -1]), stop)
-                    start = 0
-                    for i, (request, slot) in enumerate(zip(requests, request_slots)):
-                        if request.unconditional:
-                            relevance[i] = self._relevance(request, slot, samples[start:start + request.n])
-                        start += request.n
+                output, cache, recorded = self._decode(ids[rows], mask[rows], cache, first, stop, row_slots, scoring)
+                tokens = [row.tolist() for row in output[:, ids.shape[1]:]]
+                samples = [backend.decode_sample(torch.tensor(row), stop) for row in tokens]
+                if not scoring:
+                    return self._per_request(requests, samples)
+                samples, openings = self._with_signals(samples, tokens, recorded, stop)
+                relevance = [None] * len(samples)
+                for i, (request, slot) in enumerate(zip(requests, request_slots)):
+                    mine = [row for row, owner in enumerate(request_of) if owner == i]
+                    if request.unconditional:
+                        values = self._relevance(request, slot, [samples[r] for r in mine], [openings[r] for r in mine])
+                        for row, value in zip(mine, values):
+                            relevance[row] = value
+                samples = [replace(sample, relevance=value) for sample, value in zip(samples, relevance)]
+                if first is not s:  # early rejection: only the best unfinished replies go on
+                    samples = self._continue_best(requests, request_of, row_slots, samples, tokens, recorded,
+                                                  output, mask[rows], cache, s, after, stop)
             finally:
                 self.router.clear()
-        self.batches += 1
-        self.rows += len(row_slots)
+                self.batches += 1
+                self.rows += len(row_slots)
+        return self._per_request(requests, samples)
+
+    @staticmethod
+    def _per_request(requests: list[_Request], samples: list[Sample]) -> list[list[Sample]]:
         results, start = [], 0
-        for i, request in enumerate(requests):
-            mine = samples[start:start + request.n]
-            if i in relevance:
-                mine = [replace(sample, relevance=value) for sample, value in zip(mine, relevance[i])]
-            results.append(mine)
+        for request in requests:
+            results.append(samples[start:start + request.n])
             start += request.n
         return results
 
-    def _with_signals(self, samples: list[Sample], new_tokens: torch.Tensor, recorded, stop: list[str]
-                      ) -> list[Sample]:
-        """Each sample with the mean log-prob and mean hidden state over its reply's tokens."""
+    def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, sampling: SamplingSettings,
+                stop: list[str], row_slots: list[int], scoring: bool):
+        """One generate call from `cache` (all but the inputs' last token, or None): the output ids, the
+        cache it leaves (all but the last sampled token) and, when `scoring`, the recorded signals."""
+        backend = self.backend
+        recorder = SignalRecorder(backend.model.get_decoder(), self._end_ids()) if scoring else None
+        kwargs = generate_kwargs(sampling, backend.tokenizer, stop, recorder=recorder)
+        if cache is not None:
+            kwargs["cache"] = cache
+        self._route(row_slots)
+        with recorder.watching() if recorder else contextlib.nullcontext():
+            output = backend.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                            return_dict_in_generate=True, **kwargs)
+        recorded = recorder.finish(output.sequences[:, -1]) if recorder else None
+        return output.sequences, output.cache, recorded
+
+    def _continue_best(self, requests, request_of, row_slots, samples, tokens, recorded, output, mask, cache,
+                       sampling: SamplingSettings, after: int, stop: list[str]) -> list[Sample]:
+        """After `after` tokens: rate each request's unfinished replies (`Pruning.score`), sample the best
+        `Pruning.keep` of them to their end (one more generate call on those rows' caches), mark the rest
+        pruned. Finished replies stay as they are."""
+        tokenizer = self.backend.tokenizer
+        end_ids = self._end_ids() | {tokenizer.pad_token_id} - {None}
+        unfinished = [row for row, row_tokens in enumerate(tokens) if len(row_tokens) == after
+                      and reply_tokens(tokenizer, row_tokens, stop, end_ids) == after]
+        going_on = []
+        for i, request in enumerate(requests):
+            mine = [row for row in unfinished if request_of[row] == i]
+            if not request.pruning or len(mine) <= request.pruning.keep:
+                going_on += mine
+                continue
+            scores = request.pruning.score([samples[row] for row in mine])
+            ranked = sorted(zip(mine, scores), key=lambda pair: (pair[1] is None, -(pair[1] or 0.0)))
+            going_on += [row for row, _ in ranked[:request.pruning.keep]]
+        going_on.sort()
+        samples = [replace(sample, pruned=row in unfinished and row not in going_on)
+                   for row, sample in enumerate(samples)]
+        if not going_on:
+            return samples
+        index = torch.tensor(going_on, device=output.device)
+        cache.batch_select_indices(index)
+        rest = sampling.model_copy(update={"max_new_tokens": sampling.max_new_tokens - after,
+                                           "min_new_tokens": max(sampling.min_new_tokens - after, 0)})
+        more_mask = torch.cat([mask[index], torch.ones(len(going_on), after, dtype=mask.dtype, device=mask.device)],
+                              dim=1)
+        more, _, more_recorded = self._decode(output[index], more_mask, cache, rest, stop,
+                                              [row_slots[row] for row in going_on], True)
+        logprobs, hidden = recorded
+        start = output.shape[1] - after  # where each row's new tokens begin in `output`
+        for j, row in enumerate(going_on):
+            row_tokens = more[j, start:].tolist()
+            combined = (torch.cat([logprobs[row], more_recorded[0][j]]), torch.cat([hidden[row], more_recorded[1][j]]))
+            sample = self.backend.decode_sample(torch.tensor(row_tokens), stop)
+            [scored], _ = self._with_signals([sample], [row_tokens], ([combined[0]], [combined[1]]), stop)
+            samples[row] = replace(scored, relevance=samples[row].relevance)
+        return samples
+
+    def _with_signals(self, samples: list[Sample], tokens: list[list[int]], recorded, stop: list[str]
+                      ) -> tuple[list[Sample], list[float | None]]:
+        """Each sample with the mean log-prob and mean hidden state over its reply's tokens; beside them,
+        the mean log-prob of each reply's opening (its first OPENING tokens, for `_relevance`).
+        `recorded`: per row, the log-prob of each sampled token and the hidden state that predicted it."""
         logprobs, hidden = recorded
         tokenizer = self.backend.tokenizer
         end_ids = self._end_ids() | {tokenizer.pad_token_id} - {None}
-        scored = []
+        scored, openings = [], []
         for row, sample in enumerate(samples):
-            count = min(reply_tokens(tokenizer, new_tokens[row].tolist(), stop, end_ids), logprobs.shape[1])
+            count = min(reply_tokens(tokenizer, tokens[row], stop, end_ids), len(logprobs[row]))
             if count < 1:
                 scored.append(sample)
+                openings.append(None)
                 continue
-            scored.append(replace(sample, logprob=round(float(logprobs[row, :count].mean()), 4),
-                                  features=tuple(hidden[row, :count].mean(dim=0).tolist())))
-        return scored
+            scored.append(replace(sample, logprob=round(float(logprobs[row][:count].mean()), 4),
+                                  features=tuple(hidden[row][:count].mean(dim=0).tolist())))
+            openings.append(float(logprobs[row][:min(count, OPENING)].mean()))
+        return scored, openings
 
     def _end_ids(self) -> frozenset[int]:
         """The model's end-of-text tokens: its generation config's and the tokenizer's."""
@@ -365,10 +439,12 @@ class LocalGenerator:
         ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
         return frozenset(ids | {self.backend.tokenizer.eos_token_id} - {None})
 
-    def _relevance(self, request: _Request, slot: int, samples: list[Sample]) -> list[float | None]:
-        """Per sample: its mean log-prob given the whole prompt minus the same given `request.unconditional`
-        (the persona alone), on the request's own adapter. The persona's KV cache comes from the prefix
-        cache, so only the reply labels and the replies are computed, all samples in one pass."""
+    def _relevance(self, request: _Request, slot: int, samples: list[Sample], openings: list[float | None]
+                   ) -> list[float | None]:
+        """Per sample: the mean log-prob of its opening (`openings`: its first OPENING tokens) given the
+        whole prompt minus the same given `request.unconditional` (the persona alone), on the request's
+        own adapter. The persona's KV cache comes from the prefix cache, so only the reply label and the
+        openings are computed, all samples in one pass."""
         backend, tokenizer = self.backend, self.backend.tokenizer
         split = backend._split_model()
         add_special = not backend.use_chat_template
@@ -376,9 +452,10 @@ class LocalGenerator:
         rows = []  # (token ids of unconditional prompt + reply, index of the reply's first token)
         for sample in samples:
             ids = tokenizer(request.unconditional + sample.text, add_special_tokens=add_special).input_ids
-            rows.append((ids, completion_start(base, ids)))
-        wanted = [i for i, ((ids, start), sample) in enumerate(zip(rows, samples))
-                  if start < len(ids) and sample.logprob is not None]
+            start = completion_start(base, ids)
+            rows.append((ids[:start + OPENING], start))
+        wanted = [i for i, ((ids, start), opening) in enumerate(zip(rows, openings))
+                  if start < len(ids) and opening is not None]
         if split is None or not wanted:
             return [None] * len(samples)
         decoder, logits_of = split
@@ -405,5 +482,5 @@ class LocalGenerator:
             targets = torch.tensor(ids[start:], device=device)  # the reply's tokens (its text ends before the stop)
             logits = logits_of(hidden[r, start - 1 - shared:len(ids) - 1 - shared]).float()
             unconditional = float((logits.gather(-1, targets[:, None])[:, 0] - logits.logsumexp(-1)).mean())
-            values[i] = round(samples[i].logprob - unconditional, 4)
+            values[i] = round(openings[i] - unconditional, 4)
         return values

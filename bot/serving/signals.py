@@ -10,7 +10,9 @@
 
 Per reply, over its own tokens (not the stop that ended it): the mean log-probability the model gave
 them, from its raw distribution (before temperature, top-p and repetition penalty, which only shape the
-draw), and the mean of the last hidden states that predicted them. bot/ranking.py ranks replies by these.
+draw), and the mean of the last hidden states that predicted them; and its relevance: the mean
+log-probability of its first OPENING tokens minus the same given the persona alone (one more pass,
+bot/serving/local.py `_relevance`; interface.OPENING). bot/ranking.py ranks replies by these.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 
 import torch
 from transformers import LogitsProcessor
+
 
 
 class SignalRecorder(LogitsProcessor):

@@ -64,7 +64,7 @@ from pathlib import Path, PurePosixPath
 import aiohttp
 
 from bot.config import SamplingSettings, ServingSettings
-from bot.serving.interface import AdapterError, AdapterRef, Sample
+from bot.serving.interface import AdapterError, AdapterRef, Pruning, Sample
 from bot.serving.registry import AdapterRegistry
 
 logger = logging.getLogger(__name__)
@@ -106,11 +106,12 @@ class VllmGenerator:
     signals = False  # samples carry no log-probs or states: offers are not ranked (bot/ranking.py)
 
     async def sample(self, prompt: str, n: int, sampling: SamplingSettings, stop: list[str],
-                     adapter: AdapterRef | None, prefix: str = "", unconditional: str | None = None) -> list[Sample]:
+                     adapter: AdapterRef | None, prefix: str = "", unconditional: str | None = None,
+                     pruning: Pruning | None = None) -> list[Sample]:
         """`n` continuations of `prompt` from `adapter` (None: the base model), each cut at the first stop.
 
         `prefix` needs nothing here: vLLM's automatic prefix caching reuses shared prompt starts itself.
-        `unconditional` is accepted and not used: these samples carry no signals (`signals`).
+        `unconditional` and `pruning` are accepted and not used: these samples carry no signals (`signals`).
 
         Raises AdapterError when the server refuses to load the adapter (the caller can fall back to
         the base model) and VllmError when the server cannot be reached or fails.
