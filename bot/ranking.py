@@ -14,7 +14,7 @@ Each pick says "the chosen reply scores above each shown sibling" (a Bradley-Ter
 replies were not judged and are left out); `fit` finds the weights that say so for the user's last
 `history_picks` picks, the two signal weights held near the prior (`l2`) and the state weights near
 zero (`state_l2`), by Newton's method on a few dozen numbers: a millisecond after each pick, so the
-next offer already reflects it. The two pulls were chosen on bench/ranking.py: a weak pull on the
+next offer already reflects it. The two pulls were chosen on bench/ranking_hits.py: a weak pull on the
 signals let a user's taste (a name the model finds unlikely) undo the relevance that keeps replies on
 topic; a weak pull on the state overfit.
 """

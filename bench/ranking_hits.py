@@ -1,8 +1,8 @@
 """Does ranking put the reply a user picks among the offered ones? Held-out picks, on the embedded model.
 
-    python bench/ranking.py                              # the scenario users (training/scenarios.py)
-    python bench/ranking.py --picks picks.jsonl          # any imported picks (`banryeo picks import` format)
-    python bench/ranking.py --scenarios fact --picks-per-user 90 --samples 8 --shown 3
+    python bench/ranking_hits.py                              # the scenario users (training/scenarios.py)
+    python bench/ranking_hits.py --picks picks.jsonl          # any imported picks (`banryeo picks import` format)
+    python bench/ranking_hits.py --scenarios fact --picks-per-user 90 --samples 8 --shown 3
 
 Every pick becomes an offer of `--samples` replies: the user's chosen reply, the siblings they saw and
 rejected, and replies written for the user's other messages (drawn at random from the same picks:
