@@ -58,14 +58,9 @@ def picks_of(arm: str, records: list[dict], offers, cfg, seed: int = 0) -> list[
         picks.append({**record, "user": f"bench:{arm}", "rejected": [replies[i].text.strip() for i in siblings]})
         if arm == "ranked":
             learned.append(ranking.PickFeatures(pick_features(offer, cfg).chosen,
-                                                [pick_vector(replies[i], cfg) for i in siblings]))
+                                                [ranking.sample_features(replies[i], cfg)[1] for i in siblings]))
             weights = ranking.fit(learned[-cfg.history_picks:], weights, cfg)
     return picks
-
-
-def pick_vector(sample, cfg):
-    return ranking.features(sample.logprob, sample.relevance, ranking.project_state(sample.features, cfg.state_dims),
-                            cfg.state_dims)
 
 
 def main() -> None:

@@ -35,7 +35,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-import numpy as np
 
 from bot import ranking
 from bot.config import load_settings
@@ -99,10 +98,8 @@ def rank_of_chosen(offer: Offer, weights: list[float] | None, cfg) -> int:
 
 
 def pick_features(offer: Offer, cfg) -> ranking.PickFeatures:
-    def vector(sample: Sample) -> np.ndarray:
-        return ranking.features(sample.logprob, sample.relevance, ranking.project_state(sample.features, cfg.state_dims),
-                                cfg.state_dims)
-    return ranking.PickFeatures(vector(offer.chosen), [vector(r) for r in offer.rejected])
+    return ranking.PickFeatures(ranking.sample_features(offer.chosen, cfg)[1],
+                                [ranking.sample_features(r, cfg)[1] for r in offer.rejected])
 
 
 def evaluate(offers: list[Offer], cfg, shown: int, seed: int = 0) -> dict[str, list[float]]:

@@ -409,12 +409,13 @@ class DialogueEngine:
         card = self.persona_of(user)
         # reading a long conversation and counting its tokens: off the event loop, where others' events wait
         prompt, notices = await asyncio.to_thread(self._prompt, card, conversation_id, user_turn_id)
-        replies, adapter = await self._sample_distinct(prompt, card, user)
+        weights = self._ranker_weights(user)
+        replies, adapter = await self._sample_distinct(prompt, card, user, weights)
         generation = adapter.name if adapter else self.tokenizer.generation
         wanted = self.settings.sampling.candidates
         if not replies:
             raise EngineError("no_reply")
-        ranked = ranking.score_samples(replies, self._ranker_weights(user), self.settings.ranking) \
+        ranked = ranking.score_samples(replies, weights, self.settings.ranking) \
             if self.settings.ranking.enabled else [ranking.Scored(t, s, None, None) for t, s in replies.items()]
         shown = [item for item in ranked if not item.sample.pruned][:wanted]  # a pruned reply is unfinished
         if self.settings.ranking.shuffle_shown:
@@ -496,8 +497,8 @@ class DialogueEngine:
             generation = self.store.generation(generation["parent_id"]) if generation["parent_id"] else None
         return None
 
-    async def _sample_distinct(self, prompt: Prompt, card: PersonaCard, user: UserRef
-                               ) -> tuple[dict[str, Sample], AdapterRef | None]:
+    async def _sample_distinct(self, prompt: Prompt, card: PersonaCard, user: UserRef,
+                               weights: list[float] | None = None) -> tuple[dict[str, Sample], AdapterRef | None]:
         """Distinct non-empty replies (cleaned text -> sample): `sampling.samples` of them asked for in one
         batched call (with the model's signals when ranking), more only while fewer than
         `sampling.candidates` are distinct (for up to MAX_SAMPLING_ROUNDS calls).
@@ -512,8 +513,7 @@ class DialogueEngine:
         wanted = max(self.settings.sampling.samples, offered) if ranked else offered
         unconditional = (prompt.unconditional or None) if ranked else None
         pruning = None
-        if ranked and cfg.continue_best:
-            weights = self._ranker_weights(user)
+        if ranked and cfg.continue_best:  # openings rated by the user's ranker (`weights`; None: the prior)
             pruning = Pruning(OPENING, max(cfg.continue_best, offered),
                               lambda samples: ranking.scores(samples, weights, cfg))
         kept: dict[str, Sample] = {}

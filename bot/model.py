@@ -32,8 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from bot.config import EMBEDDED_MODEL, ModelSettings, SamplingSettings  # noqa: E402
 from bot.sampling import generate_kwargs  # noqa: E402
 from bot.prompt import defuse  # noqa: E402
-from bot.serving.interface import Sample  # noqa: E402
-from bot.serving.interface import OPENING  # noqa: E402
+from bot.serving.interface import OPENING, Sample  # noqa: E402
 from bot.tokenizer import PromptTokenizer, generation_label, load_tokenizer  # noqa: E402
 
 logger = logging.getLogger(__name__)

@@ -87,14 +87,19 @@ def usable(weights: list[float] | None, cfg: RankingSettings) -> np.ndarray:
     return prior(cfg)
 
 
+def sample_features(sample: Sample, cfg: RankingSettings) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A sample's projected state (as stored) and its feature vector (None without signals)."""
+    state = project_state(sample.features, cfg.state_dims)
+    return state, features(sample.logprob, sample.relevance, state, cfg.state_dims)
+
+
 def score_samples(replies: dict[str, Sample], weights: list[float] | None, cfg: RankingSettings) -> list[Scored]:
     """The replies (text as offered -> its sample) best first by `weights` (None: the prior). Replies
     without signals keep their sampled order, after the scored ones."""
     w = usable(weights, cfg)
     scored = []
     for text, sample in replies.items():
-        state = project_state(sample.features, cfg.state_dims)
-        x = features(sample.logprob, sample.relevance, state, cfg.state_dims)
+        state, x = sample_features(sample, cfg)
         scored.append(Scored(text, sample, None if x is None else round(float(w @ x), 4), state))
     return sorted(scored, key=lambda s: (s.score is None, -(s.score or 0.0)))
 
@@ -102,11 +107,8 @@ def score_samples(replies: dict[str, Sample], weights: list[float] | None, cfg: 
 def scores(samples: list[Sample], weights: list[float] | None, cfg: RankingSettings) -> list[float | None]:
     """Each sample's score by `weights` (None: the prior), in order; None for a sample without signals."""
     w = usable(weights, cfg)
-    out = []
-    for sample in samples:
-        x = features(sample.logprob, sample.relevance, project_state(sample.features, cfg.state_dims), cfg.state_dims)
-        out.append(None if x is None else float(w @ x))
-    return out
+    vectors = [sample_features(sample, cfg)[1] for sample in samples]
+    return [None if x is None else float(w @ x) for x in vectors]
 
 
 @dataclass

@@ -8,8 +8,8 @@ The nucleus (the fewest most probable tokens that hold `top_p` of the probabilit
 within the top few hundred, so `NucleusSampler` takes the top `POOL` tokens with `torch.topk`, checks
 that they hold at least `top_p` of the probability (rows where they do not look at 16 times as many,
 then are sorted in full, so the result is exactly top-p, never an approximation; a flat distribution
-of a base model, more common the more replies are sampled, seldom needs the full sort) and draws among them. It runs as the last logits
-processor of a greedy `generate`: it returns scores in which only the drawn token is finite, so greedy
+of a base model, more common the more replies are sampled, seldom needs the full sort) and draws
+among them. It runs as the last logits processor of a greedy `generate`: it returns scores in which only the drawn token is finite, so greedy
 decoding emits it, while transformers' repetition penalty, minimum length and stop criteria still apply.
 """
 
